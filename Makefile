@@ -1,0 +1,50 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the tests, also what CI runs).
+# Both set everything up on a fresh machine: a virtual environment in .venv with fp4fmt installed editable.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fp4fmt-installed
+DEMO := demo-out
+SMOKE := build/wheel-smoke
+
+.PHONY: setup test pytest wheel-smoke demo bench vectors clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py fp4fmt/_native.c
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: pytest wheel-smoke
+
+pytest: setup
+	$(PY) -m pytest -q
+
+# Build the wheel, install it (with its dependencies) into a clean venv, and run a smoke test against it.
+wheel-smoke: setup
+	rm -rf $(SMOKE) && mkdir -p $(SMOKE)
+	$(PY) -m pip wheel -q --no-deps -w $(SMOKE) .
+	$(PYTHON) -m venv $(SMOKE)/venv
+	$(SMOKE)/venv/bin/python -m pip install -q $(SMOKE)/fp4fmt-*.whl
+	cd $(SMOKE) && venv/bin/python $(CURDIR)/tools/wheel_smoke.py fp4fmt-*.whl
+
+# Until the checkpoint converter lands: a small generated Llama-shaped BF16 file, converted to both schemes.
+demo: setup
+	mkdir -p $(DEMO)
+	$(PY) tools/make_demo_checkpoint.py $(DEMO)/demo-bf16.safetensors
+	$(VENV)/bin/fp4fmt convert $(DEMO)/demo-bf16.safetensors $(DEMO)/demo-nvfp4.safetensors --scheme nvfp4 --overwrite
+	$(VENV)/bin/fp4fmt convert $(DEMO)/demo-bf16.safetensors $(DEMO)/demo-mxfp4.safetensors --scheme mxfp4 --overwrite
+	$(VENV)/bin/fp4fmt inspect $(DEMO)/demo-nvfp4.safetensors
+	$(VENV)/bin/fp4fmt verify $(DEMO)/demo-nvfp4.safetensors $(DEMO)/demo-mxfp4.safetensors
+
+bench: setup
+	$(PY) tools/bench_codec.py
+
+vectors: setup
+	$(PY) tools/make_vectors.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info $(DEMO) fp4fmt/*.so
