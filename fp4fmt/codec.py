@@ -119,11 +119,17 @@ def decode_e4m3(codes: np.ndarray) -> np.ndarray:
     return E4M3_VALUES[np.asarray(codes, dtype=np.uint8)]
 
 
+def _e8m0_table() -> np.ndarray:
+    exps = np.arange(E8M0_NAN) - E8M0_BIAS  # codes 0..254: 2^-127 .. 2^127, all exact in float32
+    return np.append(np.ldexp(np.float64(1.0), exps), np.nan).astype(np.float32)
+
+
+E8M0_VALUES = _e8m0_table()
+
+
 def decode_e8m0(codes: np.ndarray) -> np.ndarray:
     """E8M0 codes (uint8) -> float32 2^(code-127); 0xFF decodes to NaN; code 0 is 2^-127 (subnormal)."""
-    codes = np.asarray(codes, dtype=np.uint8)
-    val = np.ldexp(np.float32(1.0), codes.astype(np.int32) - E8M0_BIAS).astype(np.float32)
-    return np.where(codes == E8M0_NAN, np.float32(np.nan), val)
+    return E8M0_VALUES[np.asarray(codes, dtype=np.uint8)]
 
 
 def mx_scale_exponent(amax: np.ndarray, rule: str) -> np.ndarray:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -66,6 +66,20 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+MAX_NDIM = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32  # numpy's NPY_MAXDIMS
+
+
+def shape_fits_numpy(shape: list[int] | tuple[int, ...], itemsize: int) -> bool:
+    """True if numpy can make an array of this shape: at most MAX_NDIM dims and, zero dims aside,
+    at most 2**63-1 bytes (numpy refuses larger shapes even for an empty array)."""
+    if len(shape) > MAX_NDIM:
+        return False
+    nbytes = itemsize
+    for d in shape:
+        nbytes *= d or 1
+    return nbytes < 2**63
+
+
 def parse_header(prefix: bytes, total_len: int, *, file=None) -> Header:
     """Validate the header of a file of ``total_len`` bytes whose first bytes are ``prefix`` (§2.4).
 
@@ -109,6 +123,12 @@ def parse_header(prefix: bytes, total_len: int, *, file=None) -> Header:
             raise FormatError(f"{e} (§2.3)", file=file, tensor=name) from None
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise FormatError("shape must be a list of non-negative integers (§2.1)", file=file, tensor=name)
+        if not shape_fits_numpy(shape, itemsize):
+            raise FormatError(
+                f"shape of {len(shape)} dims cannot be an array (at most {MAX_NDIM} dims and 2**63-1 bytes) (§2.4)",
+                file=file,
+                tensor=name,
+            )
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise FormatError("data_offsets must be two integers [begin, end] (§2.1)", file=file, tensor=name)
         begin, end = offsets
@@ -185,6 +205,17 @@ def build_header(items: list[Item], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
+def _create_temp(directory: str, basename: str) -> tuple[int, str]:
+    """Create a new hidden temporary file beside the target with mode 0644 less the umask (as open() would)."""
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{basename}.{secrets.token_hex(6)}.fp4fmt-tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {directory}")
+
+
 def write_atomic(path: str | os.PathLike, header: bytes, items: list[Item]) -> None:
     """Write header and data to a temporary file beside ``path``, fsync, then rename over ``path``.
 
@@ -192,9 +223,11 @@ def write_atomic(path: str | os.PathLike, header: bytes, items: list[Item]) -> N
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fp4fmt-", suffix=".tmp", dir=directory)
     try:
-        os.fchmod(fd, 0o644)
+        fd, tmp = _create_temp(directory, os.path.basename(path))
+    except OSError as e:  # missing or unwritable directory
+        raise WriteError(f"writing failed: {e.strerror or e}", file=path) from e
+    try:
         with os.fdopen(fd, "wb") as f:
             f.write(header)
             for it in items:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from . import dtypes, layout, schemes
-from .container import Header
+from .container import Header, _Duplicate, _reject_duplicates, shape_fits_numpy
 from .errors import FormatError, UnsupportedVersionError
 
 FORMAT_VERSION = "1.0"
@@ -137,12 +137,14 @@ def _tensor_descriptor(name: str, d, *, file) -> TensorDescriptor:
     if missing:
         raise bad(f"missing field(s) {', '.join(missing)}")
     scheme = d["scheme"]
-    if scheme not in schemes.SCHEMES:
+    if not isinstance(scheme, str) or scheme not in schemes.SCHEMES:
         raise bad(f"unknown scheme {scheme!r}; this reader knows {sorted(schemes.SCHEMES)}")
     sch = schemes.SCHEMES[scheme]
     shape = d["shape"]
     if not isinstance(shape, list) or not shape or not all(_is_int(x) and x >= 0 for x in shape):
         raise bad("shape must be a non-empty list of non-negative integers")
+    if not shape_fits_numpy(shape, 4):  # dequantize makes a float32 array of this shape
+        raise bad("shape is too large for an array")
     if d["dtype"] not in dtypes.FLOAT_SOURCE_DTYPES:
         raise bad(f"dtype must be one of {list(dtypes.FLOAT_SOURCE_DTYPES)}, got {d['dtype']!r}")
     axis = d["axis"]
@@ -174,7 +176,9 @@ def parse(header: Header, *, file=None) -> Descriptor | None:
     if text is None:
         return None
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except _Duplicate as e:
+        raise FormatError(f"duplicate key {e.args[0]!r} in __metadata__['fp4fmt'] (§3.4)", file=file) from None
     except (ValueError, RecursionError) as e:
         raise FormatError(f"__metadata__['fp4fmt'] is not valid JSON ({str(e)[:200]}) (§3)", file=file) from None
     if not isinstance(doc, dict):

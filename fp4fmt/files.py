@@ -25,7 +25,8 @@ def _plain_item(name: str, value) -> container.Item:
         st = dtypes.dtype_name(arr.dtype)
     except ValueError as e:
         raise WriteError(str(e), tensor=name) from None
-    arr = np.ascontiguousarray(arr, dtype=dtypes.numpy_dtype(st))
+    # np.ascontiguousarray promotes 0-dim arrays to shape (1,): keep the caller's shape.
+    arr = np.ascontiguousarray(arr, dtype=dtypes.numpy_dtype(st)).reshape(arr.shape)
     return container.Item(name, st, tuple(arr.shape), arr)
 
 

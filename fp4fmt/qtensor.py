@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from . import dtypes, layout, schemes
+from . import codec, dtypes, layout, schemes
 from .errors import FormatError, QuantizationError
 
 try:  # the optional C accelerator; the numpy reference is used without it
@@ -255,12 +255,16 @@ def dequantize(qt: QTensor, *, name: str | None = None, file=None) -> np.ndarray
     """
     check_scales(qt, name=name, file=file)
     geo = qt.geometry
+    if geo.rows == 0 or geo.k == 0:  # no element to decode (and reshape(rows, 0, -1) is ambiguous)
+        return np.zeros(geo.shape, dtype=np.float32)
     sch = schemes.SCHEMES[qt.scheme]
     rows = geo.rows
     packed = qt.codes.reshape(rows, geo.padded_k // 2)
     scode = qt.scale_codes().reshape(rows, geo.n_blocks)
-    out = schemes.dequantize_blocks(packed, scode, sch, qt.tensor_scale)
-    if out.size and not np.isfinite(out).all():
+    factors = schemes.block_factors(scode, sch, qt.tensor_scale)
+    out = schemes.dequantize_blocks(packed, factors)
+    max_factor = float(factors.max(initial=0.0))
+    if max_factor * codec.E2M1_MAX >= float(np.finfo(np.float32).max) and not np.isfinite(out).all():
         raise FormatError("decoded values overflow float32 (scale too large)", file=file, tensor=name)
     out = out[:, : geo.k].reshape(geo.storage_shape)
     return np.ascontiguousarray(layout.from_storage_order(out, geo.axis))

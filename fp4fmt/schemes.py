@@ -91,16 +91,16 @@ def quantize_blocks(
     return codec.pack_nibbles(codes), scale_codes
 
 
-def dequantize_blocks(
-    packed: np.ndarray, scale_codes: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None
-) -> np.ndarray:
-    """Decode ``[rows, padded_k/2]`` packed codes with ``[rows, n_blocks]`` scale codes -> float32.
+def dequantize_blocks(packed: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Decode ``[rows, padded_k/2]`` packed codes with the ``[rows, n_blocks]`` block factors -> float32.
 
     y = fl32(e2m1(code) * f), f the block factor of :func:`block_factors`.
     """
-    rows = packed.shape[0]
-    nb = scale_codes.shape[-1]
-    values = codec.decode_e2m1(codec.unpack_nibbles(packed)).reshape(rows, nb, -1)
-    f = block_factors(scale_codes, scheme, tensor_scale)[..., None]
+    rows, nb = factors.shape
+    values = _E2M1_PAIRS[packed].reshape(rows, nb, -1)  # byte -> (low-nibble value, high-nibble value)
     with np.errstate(over="ignore", invalid="ignore"):
-        return (values * f).astype(np.float32).reshape(rows, -1)
+        return np.multiply(values, factors[..., None], dtype=np.float32).reshape(rows, -1)
+
+
+# Every byte's two decoded elements, element 2i (low nibble) first: a single gather decodes a byte.
+_E2M1_PAIRS = codec.decode_e2m1(codec.unpack_nibbles(np.arange(256, dtype=np.uint8)[:, None]))
