@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py fp4fmt/_native.c
 test: pytest wheel-smoke
 
 pytest: setup
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 # Build the wheel, install it (with its dependencies) into a clean venv, and run a smoke test against it.
 wheel-smoke: setup

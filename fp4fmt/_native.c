@@ -142,10 +142,22 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint64_t v4u __attribute__((vector_size(32)));
 
-static inline __attribute__((always_inline)) void encode8(const float *x, float f, uint8_t *out) {
-    v8f xv, q, a;
-    memcpy(&xv, x, sizeof xv);
-    q = xv / f;
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+/* Eight float32 bit patterns from 8 source elements: float32 as is, bfloat16 widened (<< 16). */
+static inline __attribute__((always_inline)) v8i load8_f32(const uint32_t *p) {
+    v8i v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline __attribute__((always_inline)) v8i load8_bf16(const uint16_t *p) {
+    v8h h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, v8i) << 16;
+}
+
+static inline __attribute__((always_inline)) void encode8(v8i xi, float f, uint8_t *out) {
+    v8f q = (v8f)xi / f, a;
     v8i qi = (v8i)q;
     a = (v8f)(qi & 0x7FFFFFFF);
     v8i m = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
@@ -155,25 +167,44 @@ static inline __attribute__((always_inline)) void encode8(const float *x, float 
     for (int i = 0; i < 4; i++) out[i] = (uint8_t)w[i];
 }
 
-/* max |x| of n (a multiple of 8) floats: the absolute values' bit patterns order like the values. */
-static inline __attribute__((always_inline)) float block_amax(const float *x, int n) {
-    v8i m = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int j = 0; j < n; j += 8) {
-        v8i a;
-        memcpy(&a, x + j, sizeof a);
-        a &= 0x7FFFFFFF;
-        v8i gt = a > m;
-        m = (a & gt) | (m & ~gt);
-    }
-    int32_t r = 0;
-    for (int i = 0; i < 8; i++) r = m[i] > r ? m[i] : r;
-    return u2f((uint32_t)r);
+/* Largest lane of a vector of non-negative int32: three halving steps. */
+static inline __attribute__((always_inline)) int32_t hmax8(v8i m) {
+    v8i t = __builtin_shuffle(m, (v8i){4, 5, 6, 7, 0, 1, 2, 3}), gt = t > m;
+    m = (t & gt) | (m & ~gt);
+    t = __builtin_shuffle(m, (v8i){2, 3, 0, 1, 6, 7, 4, 5}), gt = t > m;
+    m = (t & gt) | (m & ~gt);
+    t = __builtin_shuffle(m, (v8i){1, 0, 3, 2, 5, 4, 7, 6}), gt = t > m;
+    m = (t & gt) | (m & ~gt);
+    return m[0];
 }
 
 /* A block whose factor is 0: every element is a zero with the element's sign. */
-static inline void encode_zero_block(const float *x, int n, uint8_t *out) {
-    for (int i = 0; i < n; i += 2)
-        out[i / 2] = (uint8_t)(((f2u(x[i]) >> 28) & 8u) | ((f2u(x[i + 1]) >> 24) & 0x80u));
+static inline __attribute__((always_inline)) void encode_zero8(v8i xi, uint8_t *out) {
+    v4u w = (v4u)((xi >> 28) & 8);
+    w = w | (w >> 28);
+    for (int i = 0; i < 4; i++) out[i] = (uint8_t)w[i];
+}
+
+/* NVFP4 block scales (spec §5.1) for n blocks at once, without branches so that gcc vectorizes the loop.
+ * The E4M3 value is read off the rounded float32 bits (normal range) or the rounded step count
+ * (subnormal range), which is exactly E4M3_TABLE[code]. */
+static inline __attribute__((always_inline)) void nvfp4_scales(const float *amax, Py_ssize_t n, float s2,
+                                                             uint8_t *scales, float *fac) {
+    const float six_s2 = 6.0f * s2;
+    for (Py_ssize_t b = 0; b < n; b++) {
+        float a = amax[b];
+        float v = a / six_s2;
+        v = v < 0.001953125f ? 0.001953125f : v;
+        v = v > 448.0f ? 448.0f : v;
+        uint32_t bits = f2u(v);
+        uint32_t r = bits + 0x7FFFFu + ((bits >> 20) & 1u); /* RNE to 3 mantissa bits */
+        float steps = (v * 512.0f + 8388608.0f) - 8388608.0f; /* RNE to a multiple of 2^-9 */
+        int sub = bits < 0x3C800000u;                          /* v < 2^-6 */
+        uint32_t code = sub ? (uint32_t)(int32_t)steps : (r >> 20) - (120u << 3);
+        float sd = sub ? steps * 0.001953125f : u2f(r & 0xFFF00000u);
+        scales[b] = (uint8_t)(a == 0.0f ? 0u : code);
+        fac[b] = (a == 0.0f ? 0.0f : sd) * s2;
+    }
 }
 
 /* One row of blocks: x holds the row's padded_k float32 values. Written so that gcc vectorizes the
@@ -186,22 +217,21 @@ static inline void encode_zero_block(const float *x, int n, uint8_t *out) {
 
 /* Three passes per row, so that no block waits on the previous one's scale: block amax, then scale code
  * and factor f of every block, then the elements (q = x / f, E2M1). `work` holds 2 * nb floats. */
-#define DEFINE_QUANT_ROW(B)                                                                                 \
-    FP4_CLONES static void quant_row_##B(const float *x, Py_ssize_t nb, int scheme, int rule, float s2,      \
-                                         uint8_t *codes, uint8_t *scales, float *work) {                   \
+#define DEFINE_QUANT_ROW(B, NAME, T, LOAD8)                                                                 \
+    FP4_CLONES static void NAME(const T *x, Py_ssize_t nb, int scheme, int rule, float s2, uint8_t *codes,    \
+                                uint8_t *scales, float *work) {                                             \
         float *amax = work, *fac = work + nb;                                                               \
         for (Py_ssize_t b = 0; b < nb; b++) {                                                               \
-            amax[b] = block_amax(x + b * B, B);                                                             \
+            v8i m = {0, 0, 0, 0, 0, 0, 0, 0};                                                               \
+            for (int j = 0; j < B; j += 8) { /* |x| bit patterns order like the values */                   \
+                v8i a = LOAD8(x + b * B + j) & 0x7FFFFFFF;                                                  \
+                v8i gt = a > m;                                                                             \
+                m = (a & gt) | (m & ~gt);                                                                   \
+            }                                                                                               \
+            amax[b] = u2f((uint32_t)hmax8(m));                                                              \
         }                                                                                                   \
         if (scheme == SCHEME_NVFP4) {                                                                       \
-            const float six_s2 = 6.0f * s2;                                                                 \
-            for (Py_ssize_t b = 0; b < nb; b++) {                                                           \
-                float v = amax[b] / six_s2;                                                                 \
-                v = v < 0.001953125f ? 0.001953125f : (v > 448.0f ? 448.0f : v);                           \
-                uint8_t sc = amax[b] == 0.0f ? 0 : e4m3_pos(v);                                             \
-                scales[b] = sc;                                                                             \
-                fac[b] = E4M3_TABLE[sc] * s2;                                                               \
-            }                                                                                               \
+            nvfp4_scales(amax, nb, s2, scales, fac);                                                        \
         } else {                                                                                            \
             for (Py_ssize_t b = 0; b < nb; b++) {                                                           \
                 int e = mx_exponent(amax[b], rule);                                                         \
@@ -211,15 +241,18 @@ static inline void encode_zero_block(const float *x, int n, uint8_t *out) {
         }                                                                                                   \
         for (Py_ssize_t b = 0; b < nb; b++) {                                                               \
             const float f = fac[b];                                                                         \
+            uint8_t *out = codes + b * (B / 2);                                                             \
             if (f == 0.0f) {                                                                                \
-                encode_zero_block(x + b * B, B, codes + b * (B / 2));                                       \
+                for (int j = 0; j < B; j += 8) encode_zero8(LOAD8(x + b * B + j), out + j / 2);             \
             } else {                                                                                        \
-                for (int j = 0; j < B; j += 8) encode8(x + b * B + j, f, codes + b * (B / 2) + j / 2);      \
+                for (int j = 0; j < B; j += 8) encode8(LOAD8(x + b * B + j), f, out + j / 2);               \
             }                                                                                               \
         }                                                                                                   \
     }
-DEFINE_QUANT_ROW(16)
-DEFINE_QUANT_ROW(32)
+DEFINE_QUANT_ROW(16, quant_row_16_f32, uint32_t, load8_f32)
+DEFINE_QUANT_ROW(32, quant_row_32_f32, uint32_t, load8_f32)
+DEFINE_QUANT_ROW(16, quant_row_16_bf16, uint16_t, load8_bf16)
+DEFINE_QUANT_ROW(32, quant_row_32_bf16, uint16_t, load8_bf16)
 
 /* quantize(src, dtype, rows, k, block, scheme, rule, tensor_scale, codes_out, scales_out)
  * src: rows x k elements (C order); codes_out: rows x padded_k/2 bytes; scales_out: rows x n_blocks bytes.
@@ -234,7 +267,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         return NULL;
     Py_ssize_t nb = (k + block - 1) / block, pk = nb * block;
     Py_ssize_t isz = dt == DT_F32 ? 4 : 2;
-    float *row = NULL;
+    uint32_t *buf = NULL; /* float16 rows converted to float32 bits, or a ragged last block; then work space */
     if (block != 16 && block != 32) {
         PyErr_SetString(PyExc_ValueError, "block size must be 16 or 32");
         goto done;
@@ -243,35 +276,50 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "buffer too small for the given shape");
         goto done;
     }
-    row = (float *)PyMem_RawMalloc((size_t)(pk + 2 * nb + 1) * sizeof(float));
-    if (!row) {
+    buf = (uint32_t *)PyMem_RawMalloc((size_t)(pk + 2 * nb + 1) * sizeof(uint32_t));
+    if (!buf) {
         PyErr_NoMemory();
         goto done;
     }
     {
         const float s2 = (float)ts_d;
+        float *work = (float *)(buf + pk);
         uint8_t *cp = (uint8_t *)codes.buf, *sp = (uint8_t *)scales.buf;
+        Py_ssize_t full = k / block; /* blocks read in place; a ragged last block is padded in buf */
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = k; i < pk; i++) row[i] = 0.0f;
         for (Py_ssize_t r = 0; r < rows; r++) {
-            Py_ssize_t base = r * k;
-            if (dt == DT_BF16) {
-                const uint16_t *p = (const uint16_t *)src.buf + base;
-                for (Py_ssize_t i = 0; i < k; i++) row[i] = u2f((uint32_t)p[i] << 16);
-            } else if (dt == DT_F32) {
-                memcpy(row, (const float *)src.buf + base, (size_t)k * sizeof(float));
-            } else {
-                const uint16_t *p = (const uint16_t *)src.buf + base;
-                for (Py_ssize_t i = 0; i < k; i++) row[i] = f16_to_f32(p[i]);
+            uint8_t *c = cp + r * (pk / 2), *s = sp + r * nb;
+            if (dt == DT_F16) { /* convert the row, then treat it as float32 */
+                const uint16_t *p = (const uint16_t *)src.buf + r * k;
+                for (Py_ssize_t i = 0; i < k; i++) buf[i] = f2u(f16_to_f32(p[i]));
+                for (Py_ssize_t i = k; i < pk; i++) buf[i] = 0u;
+                if (block == 16) quant_row_16_f32(buf, nb, scheme, rule, s2, c, s, work);
+                else quant_row_32_f32(buf, nb, scheme, rule, s2, c, s, work);
+                continue;
             }
-            if (block == 16)
-                quant_row_16(row, nb, scheme, rule, s2, cp + r * (pk / 2), sp + r * nb, row + pk);
-            else
-                quant_row_32(row, nb, scheme, rule, s2, cp + r * (pk / 2), sp + r * nb, row + pk);
+            if (dt == DT_BF16) {
+                const uint16_t *p = (const uint16_t *)src.buf + r * k;
+                if (block == 16) quant_row_16_bf16(p, full, scheme, rule, s2, c, s, work);
+                else quant_row_32_bf16(p, full, scheme, rule, s2, c, s, work);
+                if (full < nb) {
+                    for (Py_ssize_t i = 0; i < block; i++) buf[i] = full * block + i < k ? (uint32_t)p[full * block + i] << 16 : 0u;
+                }
+            } else {
+                const uint32_t *p = (const uint32_t *)src.buf + r * k;
+                if (block == 16) quant_row_16_f32(p, full, scheme, rule, s2, c, s, work);
+                else quant_row_32_f32(p, full, scheme, rule, s2, c, s, work);
+                if (full < nb) {
+                    for (Py_ssize_t i = 0; i < block; i++) buf[i] = full * block + i < k ? p[full * block + i] : 0u;
+                }
+            }
+            if (full < nb) { /* the ragged last block, zero padded */
+                if (block == 16) quant_row_16_f32(buf, 1, scheme, rule, s2, c + full * 8, s + full, work);
+                else quant_row_32_f32(buf, 1, scheme, rule, s2, c + full * 16, s + full, work);
+            }
         }
         Py_END_ALLOW_THREADS
     }
-    PyMem_RawFree(row);
+    PyMem_RawFree(buf);
     PyBuffer_Release(&src);
     PyBuffer_Release(&codes);
     PyBuffer_Release(&scales);
