@@ -156,15 +156,28 @@ static inline __attribute__((always_inline)) v8i load8_bf16(const uint16_t *p) {
     return __builtin_convertvector(h, v8i) << 16;
 }
 
-static inline __attribute__((always_inline)) void encode8(v8i xi, float f, uint8_t *out) {
-    v8f q = (v8f)xi / f, a;
-    v8i qi = (v8i)q;
-    a = (v8f)(qi & 0x7FFFFFFF);
+typedef uint8_t v32b __attribute__((vector_size(32)));
+
+/* E2M1 codes of 8 elements (one per int32 lane): q = x / f, then the count of thresholds passed (a
+ * comparison yields -1 per lane, so the negated sum is the count), sign in bit 3. */
+static inline __attribute__((always_inline)) v8i codes8(v8i xi, float f) {
+    v8i qi = (v8i)((v8f)xi / f);
+    v8f a = (v8f)(qi & 0x7FFFFFFF);
     v8i m = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
-    v8i code = -m | ((qi >> 28) & 8);
-    v4u w = (v4u)code;
-    w = w | (w >> 28);
-    for (int i = 0; i < 4; i++) out[i] = (uint8_t)w[i];
+    return -m | ((qi >> 28) & 8);
+}
+
+/* Pack the 16 codes of two vectors into 8 bytes, element 2i in the low nibble. Viewing two 32-bit codes
+ * as one 64-bit lane, lane | lane >> 28 puts code[2i] | code[2i+1] << 4 in the lane's low byte; the
+ * bytes of the second vector go one byte up, and one shuffle gathers the eight bytes in order. */
+static inline __attribute__((always_inline)) void pack16(v8i lo, v8i hi, uint8_t *out) {
+    v4u a = (v4u)lo, b = (v4u)hi;
+    a = a | (a >> 28);
+    b = b | (b >> 28);
+    v32b both = (v32b)((a & 0xFF) | ((b & 0xFF) << 8));
+    v32b g = __builtin_shuffle(both, (v32b){0, 8, 16, 24, 1, 9, 17, 25, 0, 0, 0, 0, 0, 0, 0, 0,
+                                           0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0});
+    memcpy(out, &g, 8);
 }
 
 /* Largest lane of a vector of non-negative int32: three halving steps. */
@@ -179,31 +192,42 @@ static inline __attribute__((always_inline)) int32_t hmax8(v8i m) {
 }
 
 /* A block whose factor is 0: every element is a zero with the element's sign. */
-static inline __attribute__((always_inline)) void encode_zero8(v8i xi, uint8_t *out) {
-    v4u w = (v4u)((xi >> 28) & 8);
-    w = w | (w >> 28);
-    for (int i = 0; i < 4; i++) out[i] = (uint8_t)w[i];
-}
+static inline __attribute__((always_inline)) v8i zero_codes8(v8i xi) { return (xi >> 28) & 8; }
 
-/* NVFP4 block scales (spec §5.1) for n blocks at once, without branches so that gcc vectorizes the loop.
- * The E4M3 value is read off the rounded float32 bits (normal range) or the rounded step count
- * (subnormal range), which is exactly E4M3_TABLE[code]. */
+/* NVFP4 block scales (spec §5.1): scale code and factor f of n blocks, eight at a time. The E4M3 value is
+ * read off the rounded float32 bits (normal range) or the rounded step count (subnormal range), which is
+ * exactly E4M3_TABLE[code]. Vector selects are written as masks: (m & x) | (~m & y). */
+static inline __attribute__((always_inline)) v8i select8(v8i m, v8i x, v8i y) { return (m & x) | (~m & y); }
+
 static inline __attribute__((always_inline)) void nvfp4_scales(const float *amax, Py_ssize_t n, float s2,
                                                              uint8_t *scales, float *fac) {
     const float six_s2 = 6.0f * s2;
-    for (Py_ssize_t b = 0; b < n; b++) {
+    Py_ssize_t b = 0;
+    for (; b + 8 <= n; b += 8) {
+        v8f a, v;
+        memcpy(&a, amax + b, sizeof a);
+        v = a / six_s2;
+        const v8f lo = (v8f){0} + 0.001953125f, hi = (v8f){0} + 448.0f; /* clamp to [2^-9, 448] */
+        v = (v8f)select8(v < lo, (v8i)lo, (v8i)v);
+        v = (v8f)select8(v > hi, (v8i)hi, (v8i)v);
+        v8i bits = (v8i)v;
+        v8i r = bits + 0x7FFFF + ((bits >> 20) & 1); /* RNE to 3 mantissa bits */
+        v8f steps = (v * 512.0f + 8388608.0f) - 8388608.0f; /* RNE to a multiple of 2^-9 */
+        v8i sub = bits < 0x3C800000, zero = a == 0.0f;
+        v8i code = select8(sub, __builtin_convertvector(steps, v8i), (r >> 20) - (120 << 3)) & ~zero;
+        v8f sd = (v8f)(select8(sub, (v8i)(steps * 0.001953125f), r & (int32_t)0xFFF00000u) & ~zero);
+        v8f f = sd * s2;
+        memcpy(fac + b, &f, sizeof f);
+        for (int i = 0; i < 8; i++) scales[b + i] = (uint8_t)code[i];
+    }
+    for (; b < n; b++) {
         float a = amax[b];
         float v = a / six_s2;
         v = v < 0.001953125f ? 0.001953125f : v;
         v = v > 448.0f ? 448.0f : v;
-        uint32_t bits = f2u(v);
-        uint32_t r = bits + 0x7FFFFu + ((bits >> 20) & 1u); /* RNE to 3 mantissa bits */
-        float steps = (v * 512.0f + 8388608.0f) - 8388608.0f; /* RNE to a multiple of 2^-9 */
-        int sub = bits < 0x3C800000u;                          /* v < 2^-6 */
-        uint32_t code = sub ? (uint32_t)(int32_t)steps : (r >> 20) - (120u << 3);
-        float sd = sub ? steps * 0.001953125f : u2f(r & 0xFFF00000u);
-        scales[b] = (uint8_t)(a == 0.0f ? 0u : code);
-        fac[b] = (a == 0.0f ? 0.0f : sd) * s2;
+        uint8_t sc = a == 0.0f ? 0 : e4m3_pos(v);
+        scales[b] = sc;
+        fac[b] = E4M3_TABLE[sc] * s2;
     }
 }
 
@@ -242,10 +266,12 @@ static inline __attribute__((always_inline)) void nvfp4_scales(const float *amax
         for (Py_ssize_t b = 0; b < nb; b++) {                                                               \
             const float f = fac[b];                                                                         \
             uint8_t *out = codes + b * (B / 2);                                                             \
-            if (f == 0.0f) {                                                                                \
-                for (int j = 0; j < B; j += 8) encode_zero8(LOAD8(x + b * B + j), out + j / 2);             \
-            } else {                                                                                        \
-                for (int j = 0; j < B; j += 8) encode8(LOAD8(x + b * B + j), f, out + j / 2);               \
+            for (int j = 0; j < B; j += 16) {                                                               \
+                v8i lo = LOAD8(x + b * B + j), hi = LOAD8(x + b * B + j + 8);                               \
+                if (f == 0.0f)                                                                              \
+                    pack16(zero_codes8(lo), zero_codes8(hi), out + j / 2);                                  \
+                else                                                                                        \
+                    pack16(codes8(lo, f), codes8(hi, f), out + j / 2);                                      \
             }                                                                                               \
         }                                                                                                   \
     }
