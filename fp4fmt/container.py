@@ -175,29 +175,42 @@ def header_length(prefix: bytes, total_len: int, *, file=None) -> int:
 
 
 @dataclass(frozen=True)
-class Item:
-    """A tensor to write: its safetensors dtype name, shape and C-contiguous little-endian data."""
+class Slot:
+    """A tensor's place in a file to be written: name, safetensors dtype name and shape."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    data: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        n = dtypes.itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
 
 
-def layout_order(items: Iterable[Item]) -> list[Item]:
+@dataclass(frozen=True)
+class Item(Slot):
+    """A tensor to write: a slot plus its C-contiguous little-endian data."""
+
+    data: np.ndarray = None  # type: ignore[assignment]
+
+
+def layout_order(items: Iterable[Slot]) -> list:
     """Data order of the writer (§2.2): larger itemsize first (keeps every tensor aligned), then name."""
     return sorted(items, key=lambda it: (-dtypes.itemsize(it.dtype), it.name.encode("utf-8")))
 
 
-def build_header(items: list[Item], metadata: dict[str, str]) -> bytes:
-    """Canonical header bytes (§2.2): 8-byte length, compact JSON, padded with spaces to 8 bytes."""
+def build_header(items: list[Slot], metadata: dict[str, str]) -> bytes:
+    """Canonical header bytes (§2.2) for slots in data order: 8-byte length, compact JSON, space padded."""
     obj: dict = {}
     if metadata:
         obj[METADATA_KEY] = {k: metadata[k] for k in sorted(metadata)}
     pos = 0
     for it in items:
-        obj[it.name] = {"dtype": it.dtype, "shape": list(it.shape), "data_offsets": [pos, pos + it.data.nbytes]}
-        pos += it.data.nbytes
+        obj[it.name] = {"dtype": it.dtype, "shape": list(it.shape), "data_offsets": [pos, pos + it.nbytes]}
+        pos += it.nbytes
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     text += b" " * (-len(text) % HEADER_ALIGNMENT)
     if len(text) > MAX_HEADER_SIZE:
@@ -214,6 +227,15 @@ def _create_temp(directory: str, basename: str) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a temporary file in {directory}")
+
+
+def offsets(items: list[Slot]) -> dict[str, int]:
+    """Byte offset of each slot in the data buffer, for slots in data order."""
+    out, pos = {}, 0
+    for it in items:
+        out[it.name] = pos
+        pos += it.nbytes
+    return out
 
 
 def write_atomic(path: str | os.PathLike, header: bytes, items: list[Item]) -> None:
@@ -244,6 +266,11 @@ def write_atomic(path: str | os.PathLike, header: bytes, items: list[Item]) -> N
         if isinstance(e, OSError):
             raise WriteError(f"writing failed: {e.strerror or e}", file=path) from e
         raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    """Best-effort fsync of a directory, so that a rename in it is durable."""
     try:
         dfd = os.open(directory, os.O_RDONLY)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Mapping
+from typing import Union
 
 import numpy as np
 
@@ -64,12 +65,7 @@ def _items(tensors: Mapping[str, object]) -> tuple[list[container.Item], dict[st
 
 
 def _serialize(tensors: Mapping[str, object], metadata: Mapping[str, str] | None) -> tuple[bytes, list[container.Item]]:
-    meta = dict(metadata or {})
-    for k, v in meta.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise WriteError(f"metadata must map strings to strings; got {k!r}: {type(v).__name__}")
-    if descriptor.DESCRIPTOR_KEY in meta:
-        raise WriteError(f"metadata key {descriptor.DESCRIPTOR_KEY!r} is reserved for the fp4fmt descriptor")
+    meta = _check_metadata(metadata)
     items, tds = _items(tensors)
     sums = {it.name: descriptor.checksum(it.data.reshape(-1).view(np.uint8)) for it in items}
     meta[descriptor.DESCRIPTOR_KEY] = descriptor.build(tds, sums)
@@ -80,10 +76,188 @@ def _serialize(tensors: Mapping[str, object], metadata: Mapping[str, str] | None
 def save_file(tensors: Mapping[str, object], filename: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` (QTensors and numpy arrays) to ``filename`` atomically and deterministically."""
     try:
-        header, items = _serialize(tensors, metadata)
+        layout = layout_of(tensors)
     except WriteError as e:
         raise WriteError(e.rule, file=filename, tensor=e.tensor) from None
-    container.write_atomic(filename, header, items)
+    with StreamingWriter(filename, layout, metadata) as w:
+        for name, value in tensors.items():
+            w.add(name, value)
+
+
+PlannedTensor = Union[descriptor.TensorDescriptor, tuple]  # a quantized tensor, or (dtype name, shape)
+
+
+def layout_of(tensors: Mapping[str, object]) -> dict[str, PlannedTensor]:
+    """What :class:`StreamingWriter` needs to know up front about ``tensors``."""
+    out: dict[str, PlannedTensor] = {}
+    for name, value in tensors.items():
+        if isinstance(value, QTensor):
+            out[name] = _descriptor_of(name, value)
+        else:
+            try:
+                out[name] = (dtypes.dtype_name(np.asarray(value).dtype), tuple(np.shape(value)))
+            except ValueError as e:
+                raise WriteError(str(e), tensor=name) from None
+    return out
+
+
+_PLACEHOLDER_SUM = descriptor.CHECKSUM_ALGORITHM + ":" + "0" * 64
+
+
+class StreamingWriter:
+    """Write an fp4fmt file one tensor at a time, holding no more than the tensor being added.
+
+    The names, dtypes and shapes are fixed up front (``layout``: name -> TensorDescriptor for a quantized
+    tensor, or (dtype name, shape) for a plain one), so every tensor's offset is known; ``add`` writes each
+    tensor's bytes at its place in a temporary file and hashes them; ``close`` writes the header (checksums
+    have a fixed length, so it does not move) and renames the file into place. The bytes equal what
+    :func:`save` produces for the same tensors. On an exception inside ``with``, nothing is left behind.
+    """
+
+    def __init__(self, filename: str | os.PathLike, layout: Mapping[str, PlannedTensor], metadata: Mapping[str, str] | None = None):
+        self.filename = os.fspath(filename)
+        try:
+            meta = _check_metadata(metadata)
+            self._slots = self._plan(layout)
+            self._tds = {n: td for n, td in layout.items() if isinstance(td, descriptor.TensorDescriptor)}
+            self._layout = dict(layout)
+            self._order = container.layout_order(self._slots.values())
+            self._offsets = container.offsets(self._order)
+            self._meta = meta
+            header = self._header({n: _PLACEHOLDER_SUM for n in self._slots})
+        except WriteError as e:
+            raise WriteError(e.rule, file=self.filename, tensor=e.tensor) from None
+        self._data_start = len(header)
+        self._sums: dict[str, str] = {}
+        try:
+            self._fd, self._tmp = container._create_temp(os.path.dirname(os.path.abspath(self.filename)),
+                                                         os.path.basename(self.filename))
+        except OSError as e:
+            raise WriteError(f"writing failed: {e.strerror or e}", file=self.filename) from e
+        try:
+            os.ftruncate(self._fd, self._data_start + sum(sl.nbytes for sl in self._order))
+        except OSError as e:
+            self.abort()
+            raise WriteError(f"writing failed: {e.strerror or e}", file=self.filename) from e
+
+    @staticmethod
+    def _plan(layout: Mapping[str, PlannedTensor]) -> dict[str, container.Slot]:
+        slots: dict[str, container.Slot] = {}
+        quantized = {n for n, v in layout.items() if isinstance(v, descriptor.TensorDescriptor)}
+        for name, spec in layout.items():
+            if not isinstance(name, str) or not name:
+                raise WriteError(f"tensor names must be non-empty strings, got {name!r}")
+            if name == container.METADATA_KEY:
+                raise WriteError("'__metadata__' is reserved by safetensors", tensor=name)
+            if isinstance(spec, descriptor.TensorDescriptor):
+                new = [container.Slot(part, dt, tuple(shape)) for part, (dt, shape) in spec.part_specs().items()]
+            else:
+                dt, shape = spec
+                dtypes.numpy_dtype(dt)
+                new = [container.Slot(name, dt, tuple(int(d) for d in shape))]
+            for sl in new:
+                if sl.name in slots or sl.name in quantized:
+                    raise WriteError(f"stored name {sl.name!r} is used twice (a quantized tensor's parts are "
+                                     "NAME.codes, NAME.scales, NAME.tensor_scale)", tensor=sl.name)
+                slots[sl.name] = sl
+        return slots
+
+    def _header(self, sums: dict[str, str]) -> bytes:
+        meta = dict(self._meta)
+        meta[descriptor.DESCRIPTOR_KEY] = descriptor.build(self._tds, sums)
+        return container.build_header(self._order, meta)
+
+    def _put(self, slot_name: str, data: np.ndarray) -> None:
+        sl = self._slots[slot_name]
+        if slot_name in self._sums:
+            raise WriteError("tensor written twice", file=self.filename, tensor=slot_name)
+        raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        if raw.nbytes != sl.nbytes:
+            raise WriteError(f"expected {sl.nbytes} bytes, got {raw.nbytes}", file=self.filename, tensor=slot_name)
+        pos = self._data_start + self._offsets[slot_name]
+        try:
+            while raw.nbytes:
+                n = os.pwrite(self._fd, raw, pos)
+                raw, pos = raw[n:], pos + n
+        except OSError as e:
+            raise WriteError(f"writing failed: {e.strerror or e}", file=self.filename, tensor=slot_name) from e
+        self._sums[slot_name] = descriptor.checksum(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+
+    def add(self, name: str, value) -> None:
+        """Write one tensor of the layout (a QTensor matching its descriptor, or a plain array)."""
+        spec = self._layout.get(name)
+        if spec is None:
+            raise WriteError("not in the layout given to the writer", file=self.filename, tensor=name)
+        if isinstance(spec, descriptor.TensorDescriptor):
+            if not isinstance(value, QTensor) or _descriptor_of(name, value) != spec:
+                raise WriteError("value does not match its planned quantized descriptor", file=self.filename, tensor=name)
+            parts = spec.part_names()
+            self._put(parts["codes"], value.codes)
+            self._put(parts["scales"], value.scales)
+            if "tensor_scale" in parts:
+                self._put(parts["tensor_scale"], np.array(value.tensor_scale, dtype="<f4"))
+        else:
+            if isinstance(value, QTensor):
+                raise WriteError("planned as a plain tensor but given a QTensor", file=self.filename, tensor=name)
+            try:
+                item = _plain_item(name, value)
+            except WriteError as e:
+                raise WriteError(e.rule, file=self.filename, tensor=name) from None
+            if (item.dtype, item.shape) != (spec[0], tuple(spec[1])):
+                raise WriteError(f"planned as {spec[0]} {list(spec[1])}, got {item.dtype} {list(item.shape)}",
+                                 file=self.filename, tensor=name)
+            self._put(name, item.data)
+
+    def close(self) -> None:
+        """Write the header and move the file into place (atomically)."""
+        missing = [n for n in self._slots if n not in self._sums]
+        if missing:
+            self.abort()
+            raise WriteError(f"{len(missing)} planned tensor(s) never written, e.g. {missing[:3]}", file=self.filename)
+        header = self._header(self._sums)
+        assert len(header) == self._data_start, "checksums have a fixed length"
+        try:
+            os.pwrite(self._fd, header, 0)
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self._tmp, self.filename)
+        except OSError as e:
+            self.abort()
+            raise WriteError(f"writing failed: {e.strerror or e}", file=self.filename) from e
+        container.fsync_directory(os.path.dirname(os.path.abspath(self.filename)))
+
+    def abort(self) -> None:
+        """Discard the temporary file; the destination is left as it was."""
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        try:
+            os.unlink(self._tmp)
+        except OSError:
+            pass
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise WriteError(f"metadata must map strings to strings; got {k!r}: {type(v).__name__}")
+    if descriptor.DESCRIPTOR_KEY in meta:
+        raise WriteError(f"metadata key {descriptor.DESCRIPTOR_KEY!r} is reserved for the fp4fmt descriptor")
+    return meta
 
 
 def save(tensors: Mapping[str, object], metadata: Mapping[str, str] | None = None) -> bytes:

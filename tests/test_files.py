@@ -391,32 +391,18 @@ def test_safe_open_reads_bytes_and_path_alike(sample_file: Path) -> None:
 # ------------------------------------------------------------------------------------------------------
 # atomic writes
 # ------------------------------------------------------------------------------------------------------
-class _FailingFile:
-    """Wraps a real binary file; the ``fail_on``-th call to write() raises ``error``."""
-
-    def __init__(self, real, error: BaseException, fail_on: int):
-        self._real, self._error, self._left = real, error, fail_on
-
-    def write(self, data) -> int:
-        self._left -= 1
-        if self._left == 0:
-            raise self._error
-        return self._real.write(data)
-
-    def __getattr__(self, name: str):
-        return getattr(self._real, name)
-
-    def __enter__(self) -> _FailingFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._real.close()
-
-
 def _fail_data_write(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
-    """Make the writer's second write() (the first tensor's data, after the header) raise ``error``."""
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(fp4fmt.container.os, "fdopen", lambda *a, **k: _FailingFile(real_fdopen(*a, **k), error, 2))
+    """Make the writer's second os.pwrite (the second tensor's data) raise ``error``."""
+    real_pwrite = os.pwrite
+    calls = {"n": 0}
+
+    def pwrite(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise error
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(fp4fmt.files.os, "pwrite", pwrite)
 
 
 @pytest.mark.parametrize(
