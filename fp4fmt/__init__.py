@@ -11,7 +11,7 @@ The format is specified in spec/fp4fmt-v1.md; module names follow its sections.
 from .descriptor import FORMAT_VERSION
 from .errors import ChecksumError, FormatError, FP4FmtError, QuantizationError, UnsupportedVersionError, WriteError
 from .files import load, load_file, safe_open, save, save_file
-from .qtensor import QTensor, dequantize, quantize
+from .qtensor import ErrorStats, QTensor, dequantize, quantize, quantize_with_error
 from .schemes import MXFP4, NVFP4, SCHEMES
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "NVFP4",
     "SCHEMES",
     "ChecksumError",
+    "ErrorStats",
     "FP4FmtError",
     "FormatError",
     "QTensor",
@@ -32,6 +33,7 @@ __all__ = [
     "load",
     "load_file",
     "quantize",
+    "quantize_with_error",
     "safe_open",
     "save",
     "save_file",

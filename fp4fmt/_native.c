@@ -194,11 +194,40 @@ static inline __attribute__((always_inline)) int32_t hmax8(v8i m) {
 /* A block whose factor is 0: every element is a zero with the element's sign. */
 static inline __attribute__((always_inline)) v8i zero_codes8(v8i xi) { return (xi >> 28) & 8; }
 
+/* Running error statistics of a row, eight lanes wide: sum of e^2 and x^2 (float lanes, added into doubles
+ * per row) and the largest |e| (as bits: non-negative floats order like their bit patterns), where
+ * e = x - y and y = fl32(E2M1(code) * f) is exactly what dequantization gives (spec §5.3). */
+typedef struct {
+    v8f e2, x2;
+    v8i emax;
+} acc8;
+
+static inline __attribute__((always_inline)) v8i select8(v8i m, v8i x, v8i y) { return (m & x) | (~m & y); }
+
+static inline __attribute__((always_inline)) void stats8(v8i xi, v8i code, float f, acc8 *acc) {
+    v8i m = code & 7;
+    v8f mf = __builtin_convertvector(m, v8f);
+    v8f mag = (v8f)select8(m < 4, (v8i)(mf * 0.5f), select8(m < 6, (v8i)(mf - 2.0f), (v8i)(mf * 2.0f - 8.0f)));
+    v8f y = (v8f)((v8i)(mag * f) | ((code & 8) << 28));
+    v8f x = (v8f)xi, e = x - y;
+    acc->e2 += e * e;
+    acc->x2 += x * x;
+    v8i ea = (v8i)e & 0x7FFFFFFF;
+    acc->emax = select8(ea > acc->emax, ea, acc->emax);
+}
+
+static void fold_stats(const acc8 *acc, double *sum_e2, double *sum_x2, uint32_t *max_err) {
+    for (int i = 0; i < 8; i++) {
+        *sum_e2 += acc->e2[i];
+        *sum_x2 += acc->x2[i];
+        uint32_t m = (uint32_t)acc->emax[i];
+        *max_err = m > *max_err ? m : *max_err;
+    }
+}
+
 /* NVFP4 block scales (spec §5.1): scale code and factor f of n blocks, eight at a time. The E4M3 value is
  * read off the rounded float32 bits (normal range) or the rounded step count (subnormal range), which is
  * exactly E4M3_TABLE[code]. Vector selects are written as masks: (m & x) | (~m & y). */
-static inline __attribute__((always_inline)) v8i select8(v8i m, v8i x, v8i y) { return (m & x) | (~m & y); }
-
 static inline __attribute__((always_inline)) void nvfp4_scales(const float *amax, Py_ssize_t n, float s2,
                                                              uint8_t *scales, float *fac) {
     const float six_s2 = 6.0f * s2;
@@ -243,7 +272,7 @@ static inline __attribute__((always_inline)) void nvfp4_scales(const float *amax
  * and factor f of every block, then the elements (q = x / f, E2M1). `work` holds 2 * nb floats. */
 #define DEFINE_QUANT_ROW(B, NAME, T, LOAD8)                                                                 \
     FP4_CLONES static void NAME(const T *x, Py_ssize_t nb, int scheme, int rule, float s2, uint8_t *codes,    \
-                                uint8_t *scales, float *work) {                                             \
+                                uint8_t *scales, float *work, acc8 *acc) {                                  \
         float *amax = work, *fac = work + nb;                                                               \
         for (Py_ssize_t b = 0; b < nb; b++) {                                                               \
             v8i m = {0, 0, 0, 0, 0, 0, 0, 0};                                                               \
@@ -268,10 +297,13 @@ static inline __attribute__((always_inline)) void nvfp4_scales(const float *amax
             uint8_t *out = codes + b * (B / 2);                                                             \
             for (int j = 0; j < B; j += 16) {                                                               \
                 v8i lo = LOAD8(x + b * B + j), hi = LOAD8(x + b * B + j + 8);                               \
-                if (f == 0.0f)                                                                              \
-                    pack16(zero_codes8(lo), zero_codes8(hi), out + j / 2);                                  \
-                else                                                                                        \
-                    pack16(codes8(lo, f), codes8(hi, f), out + j / 2);                                      \
+                v8i cl = f == 0.0f ? zero_codes8(lo) : codes8(lo, f);                                       \
+                v8i ch = f == 0.0f ? zero_codes8(hi) : codes8(hi, f);                                       \
+                pack16(cl, ch, out + j / 2);                                                                \
+                if (acc) {                                                                                  \
+                    stats8(lo, cl, f, acc);                                                                 \
+                    stats8(hi, ch, f, acc);                                                                 \
+                }                                                                                           \
             }                                                                                               \
         }                                                                                                   \
     }
@@ -288,9 +320,12 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     int dt, scheme, rule;
     Py_ssize_t rows, k, block;
     double ts_d;
-    if (!PyArg_ParseTuple(args, "y*innniidw*w*", &src, &dt, &rows, &k, &block, &scheme, &rule, &ts_d, &codes,
-                          &scales))
+    int want_stats = 0;
+    if (!PyArg_ParseTuple(args, "y*innniidw*w*|p", &src, &dt, &rows, &k, &block, &scheme, &rule, &ts_d, &codes,
+                          &scales, &want_stats))
         return NULL;
+    double sum_e2 = 0.0, sum_x2 = 0.0;
+    uint32_t max_err = 0;
     Py_ssize_t nb = (k + block - 1) / block, pk = nb * block;
     Py_ssize_t isz = dt == DT_F32 ? 4 : 2;
     uint32_t *buf = NULL; /* float16 rows converted to float32 bits, or a ragged last block; then work space */
@@ -315,33 +350,36 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t r = 0; r < rows; r++) {
             uint8_t *c = cp + r * (pk / 2), *s = sp + r * nb;
+            acc8 acc = {{0}, {0}, {0}}, *accp = want_stats ? &acc : NULL;
             if (dt == DT_F16) { /* convert the row, then treat it as float32 */
                 const uint16_t *p = (const uint16_t *)src.buf + r * k;
                 for (Py_ssize_t i = 0; i < k; i++) buf[i] = f2u(f16_to_f32(p[i]));
                 for (Py_ssize_t i = k; i < pk; i++) buf[i] = 0u;
-                if (block == 16) quant_row_16_f32(buf, nb, scheme, rule, s2, c, s, work);
-                else quant_row_32_f32(buf, nb, scheme, rule, s2, c, s, work);
+                if (block == 16) quant_row_16_f32(buf, nb, scheme, rule, s2, c, s, work, accp);
+                else quant_row_32_f32(buf, nb, scheme, rule, s2, c, s, work, accp);
+                if (accp) fold_stats(&acc, &sum_e2, &sum_x2, &max_err);
                 continue;
             }
             if (dt == DT_BF16) {
                 const uint16_t *p = (const uint16_t *)src.buf + r * k;
-                if (block == 16) quant_row_16_bf16(p, full, scheme, rule, s2, c, s, work);
-                else quant_row_32_bf16(p, full, scheme, rule, s2, c, s, work);
+                if (block == 16) quant_row_16_bf16(p, full, scheme, rule, s2, c, s, work, accp);
+                else quant_row_32_bf16(p, full, scheme, rule, s2, c, s, work, accp);
                 if (full < nb) {
                     for (Py_ssize_t i = 0; i < block; i++) buf[i] = full * block + i < k ? (uint32_t)p[full * block + i] << 16 : 0u;
                 }
             } else {
                 const uint32_t *p = (const uint32_t *)src.buf + r * k;
-                if (block == 16) quant_row_16_f32(p, full, scheme, rule, s2, c, s, work);
-                else quant_row_32_f32(p, full, scheme, rule, s2, c, s, work);
+                if (block == 16) quant_row_16_f32(p, full, scheme, rule, s2, c, s, work, accp);
+                else quant_row_32_f32(p, full, scheme, rule, s2, c, s, work, accp);
                 if (full < nb) {
                     for (Py_ssize_t i = 0; i < block; i++) buf[i] = full * block + i < k ? p[full * block + i] : 0u;
                 }
             }
             if (full < nb) { /* the ragged last block, zero padded */
-                if (block == 16) quant_row_16_f32(buf, 1, scheme, rule, s2, c + full * 8, s + full, work);
-                else quant_row_32_f32(buf, 1, scheme, rule, s2, c + full * 16, s + full, work);
+                if (block == 16) quant_row_16_f32(buf, 1, scheme, rule, s2, c + full * 8, s + full, work, accp);
+                else quant_row_32_f32(buf, 1, scheme, rule, s2, c + full * 16, s + full, work, accp);
             }
+            if (accp) fold_stats(&acc, &sum_e2, &sum_x2, &max_err);
         }
         Py_END_ALLOW_THREADS
     }
@@ -349,6 +387,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     PyBuffer_Release(&src);
     PyBuffer_Release(&codes);
     PyBuffer_Release(&scales);
+    if (want_stats) return Py_BuildValue("ddd", sum_x2, sum_e2, (double)u2f(max_err));
     Py_RETURN_NONE;
 done:
     PyBuffer_Release(&src);

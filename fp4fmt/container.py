@@ -238,37 +238,6 @@ def offsets(items: list[Slot]) -> dict[str, int]:
     return out
 
 
-def write_atomic(path: str | os.PathLike, header: bytes, items: list[Item]) -> None:
-    """Write header and data to a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    On any failure the temporary file is removed and ``path`` is left as it was.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = _create_temp(directory, os.path.basename(path))
-    except OSError as e:  # missing or unwritable directory
-        raise WriteError(f"writing failed: {e.strerror or e}", file=path) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            for it in items:
-                if it.data.nbytes:
-                    f.write(memoryview(it.data.reshape(-1).view(np.uint8)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise WriteError(f"writing failed: {e.strerror or e}", file=path) from e
-        raise
-    fsync_directory(directory)
-
-
 def fsync_directory(directory: str) -> None:
     """Best-effort fsync of a directory, so that a rename in it is durable."""
     try:

@@ -140,6 +140,30 @@ def _first_bad_index(x: np.ndarray, flat_index: int, axis: int, shape: tuple[int
     return tuple(int(i) for i in idx)
 
 
+@dataclass(frozen=True)
+class ErrorStats:
+    """How far a quantized tensor's decoded values y are from its input x (sums over all elements)."""
+
+    numel: int
+    sum_sq_signal: float  # sum of x^2
+    sum_sq_error: float  # sum of (x - y)^2
+    max_abs_error: float
+
+    @property
+    def sqnr_db(self) -> float:
+        """10 log10(sum x^2 / sum (x-y)^2); inf for an exact result."""
+        if self.sum_sq_error == 0:
+            return float("inf")
+        if self.sum_sq_signal == 0:
+            return float("-inf")
+        return float(10.0 * np.log10(self.sum_sq_signal / self.sum_sq_error))
+
+    @property
+    def rel_rmse(self) -> float:
+        """sqrt(sum (x-y)^2 / sum x^2): the error relative to the tensor's energy."""
+        return float(np.sqrt(self.sum_sq_error / self.sum_sq_signal)) if self.sum_sq_signal else 0.0
+
+
 def quantize(
     array,
     scheme: str = "nvfp4",
@@ -158,6 +182,27 @@ def quantize(
     ``scale_rule`` (MXFP4) is ``floor`` (default, OCP), ``rceil`` or ``even``. ``name`` only labels errors.
     Raises QuantizationError on NaN/Inf values, a non-float dtype or bad options.
     """
+    return _quantize(array, scheme, axis, tensor_scale, scale_rule, scale_layout, name, implementation, False)[0]
+
+
+def quantize_with_error(
+    array,
+    scheme: str = "nvfp4",
+    *,
+    axis: int = -1,
+    tensor_scale: float | None = None,
+    scale_rule: str | None = None,
+    scale_layout: str = "linear",
+    name: str | None = None,
+    implementation: str = "auto",
+) -> tuple[QTensor, ErrorStats]:
+    """:func:`quantize`, plus the error of the decoded values against the input (computed in the same pass
+    by the accelerator, from :func:`dequantize` by the reference)."""
+    qt, stats = _quantize(array, scheme, axis, tensor_scale, scale_rule, scale_layout, name, implementation, True)
+    return qt, stats
+
+
+def _quantize(array, scheme, axis, tensor_scale, scale_rule, scale_layout, name, implementation, want_stats):
     try:
         sch = schemes.get_scheme(scheme)
     except ValueError as e:
@@ -208,9 +253,9 @@ def quantize(
         packed = np.empty((rows, geo.padded_k // 2), dtype=np.uint8)
         scode = np.empty((rows, geo.n_blocks), dtype=np.uint8)
         rule_code = {"floor": 0, "rceil": 1, "even": 2}.get(rule, 0)
-        _native.quantize(
+        sums = _native.quantize(
             xs, _NATIVE_DTYPES[xs.dtype], rows, k, sch.block_size, 0 if sch is schemes.NVFP4 else 1,
-            rule_code, float(tensor_scale) if tensor_scale is not None else 0.0, packed, scode,
+            rule_code, float(tensor_scale) if tensor_scale is not None else 0.0, packed, scode, want_stats,
         )
     else:
         padded = np.zeros((rows, geo.padded_k), dtype=np.float32)
@@ -221,7 +266,7 @@ def quantize(
     scode = scode.reshape(geo.linear_scales_shape)
     if scale_layout == "swizzled":
         scode = layout.swizzle_scales(scode)
-    return QTensor(
+    qt = QTensor(
         scheme=sch.name,
         shape=geo.shape,
         codes=packed,
@@ -232,6 +277,13 @@ def quantize(
         scale_layout=scale_layout,
         scale_rule=rule,
     )
+    if not want_stats:
+        return qt, None
+    if not use_native:
+        xd = xs.astype(np.float64).reshape(-1)
+        err = xd - layout.to_storage_order(dequantize(qt, name=name), geo.axis).astype(np.float64).reshape(-1)
+        sums = (float(xd @ xd), float(err @ err), float(np.abs(err).max(initial=0.0)))
+    return qt, ErrorStats(geo.rows * k, *sums)
 
 
 def check_scales(qt: QTensor, *, name: str | None = None, file=None) -> None:
