@@ -18,7 +18,7 @@ from ..errors import FP4FmtError
 from ..files import safe_open, save_file
 from ..qtensor import dequantize, quantize
 
-DEFAULT_IGNORE = (r"(^|\.)embed_tokens\.", r"(^|\.)lm_head\.", r"norm", r"(^|\.)(mlp\.)?(gate|router)\.weight$")
+from .plan import DEFAULT_IGNORE
 
 
 def should_quantize(name: str, shape: tuple[int, ...], dtype: str, ignore: Sequence[str] = DEFAULT_IGNORE) -> str | None:

@@ -66,6 +66,12 @@ def inspect(paths: tuple[str, ...], as_json: bool) -> None:
                 f"  {t['name']:<{width}}  {t['kind']:<6} {t['dtype']:<8} {shape:<20} "
                 f"{t['bits_per_weight']:>7.3f} {_human(t['stored_bytes']):>11}"
             )
+    for c in report["checkpoints"]:
+        qc = c["quantization_config"]
+        idx = c["index"]
+        click.echo(f"checkpoint {c['path']}: "
+                   + (f"{len(idx['shards'])} shard(s) in the index" if idx else "no index (single file)")
+                   + (f"; quantization_config {qc.get('quant_method')} {qc.get('scheme', '')}" if qc else ""))
     s = report["summary"]
     click.echo("")
     for kind, k in sorted(s["by_kind"].items()):
@@ -100,35 +106,101 @@ def verify(paths: tuple[str, ...], as_json: bool) -> None:
     sys.exit(0 if all(r.ok for r in results) else 1)
 
 
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
+    if value < 1:
+        raise click.BadParameter("the shard size must be positive")
+    return int(value)
+
+
 @main.command()
-@click.argument("src", type=click.Path(exists=True, dir_okay=False))
-@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
 @click.option("--scheme", type=click.Choice(["nvfp4", "mxfp4"]), default="nvfp4", show_default=True)
 @click.option("--scale-rule", type=click.Choice(["floor", "rceil", "even"]), default=None,
               help="MXFP4 shared-exponent rule (default floor, per OCP MX v1.0).")
-@click.option("--ignore", multiple=True, help="Extra regex of tensor names to keep unquantized (repeatable).")
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the per-tensor report as JSON.")
-def convert(src: str, dst: str, scheme: str, scale_rule: str | None, ignore: tuple[str, ...], overwrite: bool,
-            as_json: bool) -> None:
-    """Quantize the linear weights of safetensors file SRC into fp4fmt file DST."""
-    from .converters import DEFAULT_IGNORE, convert_file
+@click.option("--ignore", multiple=True, metavar="REGEX",
+              help="Keep tensors whose name matches REGEX in high precision (repeatable; adds to the defaults).")
+@click.option("--overrides", "overrides_file", type=click.Path(exists=True, dir_okay=False),
+              help='Per-layer JSON rules {"rules": [{"pattern": REGEX, "action": "keep"|"nvfp4"|"mxfp4"}]}.')
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Parallel worker processes (one shard each).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB).")
+@click.option("--no-fused-scales", is_flag=True, help="Do not share one NVFP4 tensor scale across q/k/v and gate/up.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
+def convert(src: str, dst: str, scheme: str, scale_rule: str | None, ignore: tuple[str, ...], overrides_file: str | None,
+            workers: int, max_shard_size: str, no_fused_scales: bool, overwrite: bool, as_json: bool) -> None:
+    """Quantize the linear layers of checkpoint SRC (a Hugging Face directory or a .safetensors file).
 
-    if os.path.exists(dst) and not overwrite:
-        _fail(FP4FmtError("already exists; pass --overwrite to replace it", file=dst))
-    try:
-        report = convert_file(src, dst, scheme, ignore=DEFAULT_IGNORE + ignore, scale_rule=scale_rule,
-                              progress=_progress("converting"))
-    except (FP4FmtError, ValueError) as e:
-        _fail(e)
-    if as_json:
-        click.echo(json.dumps({"scheme": report.scheme, "quantized": report.quantized, "kept": report.kept}, indent=2))
+    DST is a directory (an fp4fmt checkpoint: shards, index, config.json, tokenizer, fp4fmt_report.json).
+    When SRC is a file and DST ends in .safetensors, DST is a single fp4fmt file instead. Running the
+    same command again after an interruption resumes it.
+    """
+    from .converters import DEFAULT_IGNORE, Options, convert_checkpoint, convert_file, load_overrides
+
+    if os.path.isfile(src) and dst.endswith(".safetensors"):
+        if os.path.exists(dst) and not overwrite:
+            _fail(FP4FmtError("already exists; pass --overwrite to replace it", file=dst))
+        try:
+            report = convert_file(src, dst, scheme, ignore=DEFAULT_IGNORE + ignore, scale_rule=scale_rule,
+                                  progress=_progress("converting"))
+        except (FP4FmtError, ValueError) as e:
+            _fail(e)
+        if as_json:
+            click.echo(json.dumps({"scheme": report.scheme, "quantized": report.quantized, "kept": report.kept}, indent=2))
+            return
+        for name, r in report.quantized.items():
+            click.echo(f"  quantized  {name:<48} SQNR {r['sqnr_db']:6.2f} dB")
+        for name, why in report.kept.items():
+            click.echo(f"  kept       {name:<48} {why}")
+        click.echo(f"wrote {dst}: {len(report.quantized)} tensors quantized to {scheme}, {len(report.kept)} kept")
         return
-    for name, r in report.quantized.items():
-        click.echo(f"  quantized  {name:<48} SQNR {r['sqnr_db']:6.2f} dB")
-    for name, why in report.kept.items():
-        click.echo(f"  kept       {name:<48} {why}")
-    click.echo(f"wrote {dst}: {len(report.quantized)} tensors quantized to {scheme}, {len(report.kept)} kept")
+
+    try:
+        opts = Options(
+            scheme=scheme,
+            scale_rule=scale_rule,
+            ignore=DEFAULT_IGNORE + ignore,
+            overrides=tuple(load_overrides(overrides_file)) if overrides_file else (),
+            max_shard_bytes=_parse_size(max_shard_size),
+            share_fused_scales=not no_fused_scales,
+        )
+        with click.progressbar(length=1, label="converting", file=sys.stderr, show_eta=True, show_pos=True) as bar:
+            def progress(stage: str, done: int, total: int) -> None:
+                bar.label = stage
+                bar.length = max(total, 1)
+                bar.update(done - bar.pos)
+
+            result = convert_checkpoint(src, dst, opts, workers=workers, overwrite=overwrite, progress=progress)
+    except FP4FmtError as e:
+        _fail(e)
+    rep = result.report
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        s = rep["summary"]
+        for name, e in rep["tensors"].items():
+            if e["action"] == "kept" and len(e["shape"]) >= 2:
+                click.echo(f"  kept     {name:<56} {e['reason']}")
+        for name, why in rep["dropped"].items():
+            click.echo(f"  dropped  {name:<56} {why}")
+        ratio = s["compression_ratio"]
+        click.echo(
+            f"wrote {dst}: {s['quantized_tensors']} tensors ({s['quantized_params']:,} params) quantized to {scheme}, "
+            f"{s['kept_tensors']} kept, {s['dropped_tensors']} dropped; {len(rep['output']['shards'])} shard(s), "
+            f"{ratio:.2f}x smaller; lowest SQNR {s['min_sqnr_db'] or float('nan'):.2f} dB"
+            + (f"; {result.shards_reused} shard(s) reused from an interrupted run" if result.shards_reused else "")
+        )
+    for w in result.warnings:
+        click.secho(f"WARNING: {w}", fg="red", bold=True, err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

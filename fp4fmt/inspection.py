@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -104,9 +105,11 @@ def summarize(files: list[FileInfo]) -> dict:
 
 
 def inspect_path(*paths: str | os.PathLike) -> dict:
-    """``fp4fmt inspect`` as a JSON-ready dict: every file's tensors and the totals."""
+    """``fp4fmt inspect`` as a JSON-ready dict: every file's tensors, each checkpoint directory's index and
+    quantization_config, and the totals."""
     files = [inspect_file(f) for p in paths for f in safetensors_files(p)]
-    return {"files": [asdict(fi) for fi in files], "summary": summarize(files)}
+    checkpoints = [c for c in (checkpoint_info(p) for p in paths) if c is not None]
+    return {"files": [asdict(fi) for fi in files], "checkpoints": checkpoints, "summary": summarize(files)}
 
 
 @dataclass(frozen=True)
@@ -127,10 +130,85 @@ def verify_file(path: str | os.PathLike) -> VerifyResult:
         return VerifyResult(str(path), False, str(e), 0)
 
 
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FP4FmtError(f"cannot read JSON: {e}", file=path) from None
+    if not isinstance(obj, dict):
+        raise FP4FmtError("must hold a JSON object", file=path)
+    return obj
+
+
+def checkpoint_info(directory: str | os.PathLike) -> dict | None:
+    """What a checkpoint directory says about itself: index shards and config quantization_config."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    info: dict = {"path": str(d), "index": None, "quantization_config": None}
+    if (d / INDEX_NAME).exists():
+        wm = _read_json(d / INDEX_NAME).get("weight_map", {})
+        info["index"] = {"shards": sorted(set(wm.values())) if isinstance(wm, dict) else [], "tensors": len(wm)}
+    if (d / "config.json").exists():
+        info["quantization_config"] = _read_json(d / "config.json").get("quantization_config")
+    return info
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> VerifyResult:
+    """The directory as a whole: the index names exactly the shards' stored tensors, every shard exists,
+    no other .safetensors file is present, and config.json's quantization_config (if any) says fp4fmt
+    with the schemes the shards hold."""
+    d = Path(directory)
+    where = d / INDEX_NAME if (d / INDEX_NAME).exists() else d
+    try:
+        files = sorted(d.glob("*.safetensors"))
+        stored: dict[str, str] = {}
+        schemes_found: set[str] = set()
+        for f in files:
+            with safe_open(f) as h:
+                for n in h.stored_keys():
+                    stored[n] = f.name
+                if h.descriptor:
+                    schemes_found |= {td.scheme for td in h.descriptor.tensors.values()}
+        if (d / INDEX_NAME).exists():
+            wm = _read_json(d / INDEX_NAME).get("weight_map")
+            if not isinstance(wm, dict):
+                raise FP4FmtError("index has no weight_map", file=where)
+            missing = sorted({v for v in wm.values() if not (d / v).exists()})
+            if missing:
+                raise FP4FmtError(f"shard(s) named by the index are missing: {missing[:5]}", file=where)
+            wrong = [n for n, v in wm.items() if stored.get(n) != v]
+            if wrong:
+                raise FP4FmtError(f"index entries that do not match the shards, e.g. {wrong[:3]}", file=where)
+            extra = sorted(n for n in stored if n not in wm)
+            if extra:
+                raise FP4FmtError(f"stored tensors the index does not list, e.g. {extra[:3]}", file=where)
+        elif len(files) > 1:
+            raise FP4FmtError(f"{len(files)} .safetensors files but no {INDEX_NAME}", file=d)
+        if (d / "config.json").exists():
+            qc = _read_json(d / "config.json").get("quantization_config")
+            if qc is not None and schemes_found:
+                if qc.get("quant_method") != "fp4fmt":
+                    raise FP4FmtError(f"config.json quantization_config has quant_method {qc.get('quant_method')!r}, "
+                                      "not 'fp4fmt'", file=d / "config.json")
+                if qc.get("scheme") not in schemes_found:
+                    raise FP4FmtError(f"config.json says scheme {qc.get('scheme')!r} but the shards hold "
+                                      f"{sorted(schemes_found)}", file=d / "config.json")
+        return VerifyResult(str(where), True, None, len(stored))
+    except FP4FmtError as e:
+        return VerifyResult(str(where), False, str(e), 0)
+
+
 def verify_path(
     *paths: str | os.PathLike, progress: Callable[[Iterator[Path]], Iterator[Path]] | None = None
 ) -> list[VerifyResult]:
-    """``fp4fmt verify``: one result per file (a directory's files in sorted order)."""
+    """``fp4fmt verify``: one result per file (a directory's files in sorted order), plus one for each
+    directory as a checkpoint (index, shards, config)."""
     files = [f for p in paths for f in safetensors_files(p)]
     it = progress(iter(files)) if progress else iter(files)
-    return [verify_file(p) for p in it]
+    results = [verify_file(p) for p in it]
+    results += [verify_checkpoint(p) for p in paths if Path(p).is_dir()]
+    return results

@@ -87,9 +87,11 @@ def test_verify_fails_on_corruption_and_plain_files(demo_src: Path, tmp_path: Pa
     assert res["x.safetensors"]["ok"]
     assert not res["bad.safetensors"]["ok"] and "checksum mismatch" in res["bad.safetensors"]["error"]
     assert not res["demo-bf16.safetensors"]["ok"] and "no fp4fmt descriptor" in res["demo-bf16.safetensors"]["error"]
-    # a directory: every .safetensors inside is checked
+    # a directory: every .safetensors inside is checked, then the directory as a checkpoint (here three
+    # files and no index, which is not a checkpoint)
     r = runner.invoke(main, ["verify", str(tmp_path)])
-    assert r.exit_code == 1 and r.output.count("PASS") == 1 and r.output.count("FAIL") == 2
+    assert r.exit_code == 1 and r.output.count("PASS") == 1 and r.output.count("FAIL") == 3
+    assert "no model.safetensors.index.json" in r.output
 
 
 def test_errors_are_clear(tmp_path: Path, demo_src: Path) -> None:

