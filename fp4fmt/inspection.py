@@ -177,6 +177,9 @@ def verify_checkpoint(directory: str | os.PathLike) -> VerifyResult:
             wm = _read_json(d / INDEX_NAME).get("weight_map")
             if not isinstance(wm, dict):
                 raise FP4FmtError("index has no weight_map", file=where)
+            outside = sorted({str(v) for v in wm.values() if not isinstance(v, str) or Path(v).name != v or v in ("", ".", "..")})
+            if outside:
+                raise FP4FmtError(f"index names file(s) outside the checkpoint directory: {outside[:3]}", file=where)
             missing = sorted({v for v in wm.values() if not (d / v).exists()})
             if missing:
                 raise FP4FmtError(f"shard(s) named by the index are missing: {missing[:5]}", file=where)

@@ -164,6 +164,39 @@ class ErrorStats:
         return float(np.sqrt(self.sum_sq_error / self.sum_sq_signal)) if self.sum_sq_signal else 0.0
 
 
+def _amax_storage(values: np.ndarray, xs: np.ndarray, geo: layout.Geometry, name: str | None) -> np.float32:
+    """max |x| of a storage-order array; QuantizationError naming the logical index of a NaN/Inf."""
+    if values.dtype in _NATIVE_DTYPES and _native is not None:
+        amax, bad = _native.scan(values, _NATIVE_DTYPES[values.dtype])
+    else:
+        finite = np.isfinite(values)
+        bad = -1 if finite.all() else int(np.argmin(finite.reshape(-1)))
+        amax = float(np.abs(values).max()) if values.size and bad < 0 else 0.0
+    if bad >= 0:
+        idx = _first_bad_index(xs, bad, geo.axis, geo.shape)
+        value = xs.reshape(-1)[bad]
+        raise QuantizationError(f"value {value} at index {list(idx)} is not finite; NaN and Inf cannot be quantized", tensor=name)
+    return np.float32(amax)
+
+
+def absmax(array, *, name: str | None = None) -> float:
+    """max |x| of a float array without a float32 copy where the accelerator can read it in place;
+    QuantizationError (naming the tensor and index) on NaN/Inf. This is the amax of the NVFP4 tensor scale."""
+    x = np.asarray(array)
+    if x.ndim == 0:
+        x = x.reshape(1)
+    try:
+        dtypes.source_dtype_name(x.dtype)
+    except ValueError as e:
+        raise QuantizationError(str(e), tensor=name) from None
+    xs = np.ascontiguousarray(x)
+    if xs.dtype.byteorder == ">":
+        xs = xs.astype(xs.dtype.newbyteorder("<"))
+    geo = layout.geometry(xs.shape, -1, 16)
+    values = xs if (xs.dtype in _NATIVE_DTYPES and _native is not None) else xs.astype(np.float32)
+    return float(_amax_storage(values, xs, geo, name))
+
+
 def quantize(
     array,
     scheme: str = "nvfp4",
@@ -233,18 +266,9 @@ def _quantize(array, scheme, axis, tensor_scale, scale_rule, scale_layout, name,
     if implementation == "native" and not use_native:
         raise QuantizationError("the native accelerator is not available for this input", tensor=name)
 
-    if use_native:
-        amax, bad = _native.scan(xs, _NATIVE_DTYPES[xs.dtype])
-        amax = np.float32(amax)
-    else:
+    if not use_native:
         xf = xs.astype(np.float32)
-        finite = np.isfinite(xf)
-        bad = -1 if finite.all() else int(np.argmin(finite.reshape(-1)))
-        amax = np.float32(np.abs(xf).max()) if xf.size and bad < 0 else np.float32(0)
-    if bad >= 0:
-        idx = _first_bad_index(xs, bad, geo.axis, geo.shape)
-        value = xs.reshape(-1)[bad]
-        raise QuantizationError(f"value {value} at index {list(idx)} is not finite; NaN and Inf cannot be quantized", tensor=name)
+    amax = _amax_storage(xs if use_native else xf, xs, geo, name)
 
     if sch.has_tensor_scale and tensor_scale is None:
         tensor_scale = schemes.nvfp4_tensor_scale(amax)

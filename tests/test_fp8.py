@@ -270,23 +270,26 @@ def test_detect_and_dequantize_bit_exact(variant: str, checkpoints, source_raw: 
         assert partial_edges > 0
 
 
+def group_max(a: np.ndarray, strategy: str) -> np.ndarray:
+    """max over the whole tensor [1, 1], each row [out, 1] or each (partial) 128x128 block [rb, cb]."""
+    if strategy == "tensor":
+        return a.max().reshape(1, 1)
+    if strategy == "channel":
+        return a.max(axis=1).reshape(-1, 1)
+    return np.array([[a[r : r + 128, c : c + 128].max() for c in range(0, a.shape[1], 128)]
+                     for r in range(0, a.shape[0], 128)])
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_scales_follow_amax_rule(variant: str, checkpoints, source_raw: dict) -> None:
     """Each stored scale is amax/448 over its tensor, row or (partial) 128x128 block, rounded to the scale
-    dtype; ue8m0 scales are the smallest power of two not below amax/448; the largest |code| of a scale
-    group is 448 (or within one BF16 rounding of it, and never above)."""
+    dtype; ue8m0 scales are the smallest power of two not below amax/448. The largest |code| of each scale
+    group is then 448 exactly ([224, 448] for ue8m0: amax/scale is in (224, 448])."""
     v = VARIANTS[variant]
     raw = read_dir(checkpoints[variant])
     for name in (k for k in source_raw if LINEAR.match(k)):
-        orig = np.abs(raw_value(*source_raw[name]))
-        out_dim, in_dim = orig.shape
-        if v["strategy"] == "tensor":
-            amax = orig.max().reshape(1, 1)
-        elif v["strategy"] == "channel":
-            amax = orig.max(axis=1).reshape(-1, 1)
-        else:
-            amax = np.array([[orig[r : r + 128, c : c + 128].max() for c in range(0, in_dim, 128)]
-                             for r in range(0, out_dim, 128)])
+        amax = group_max(np.abs(raw_value(*source_raw[name])), v["strategy"])
+        assert np.all(amax > 0)
         stored = raw_value(*raw[name + scale_suffix(v["convention"])]).reshape(amax.shape)
         exact = (amax / 448).astype(np.float32).astype(np.float64)
         if v["ue8m0"]:
@@ -295,13 +298,11 @@ def test_scales_follow_amax_rule(variant: str, checkpoints, source_raw: dict) ->
             assert np.array_equal(stored, f32_to_bf16(exact))
         else:
             assert np.array_equal(stored, exact)
-        codes = np.abs(raw_value(*raw[name]))
-        per_el = scale_per_element(v["strategy"], stored, orig.shape)
-        group_max = {s: codes[per_el == s].max() for s in np.unique(per_el)}
-        if not v["ue8m0"]:
-            assert all(416 <= m <= 448 for m in group_max.values())
+        code_max = group_max(np.abs(raw_value(*raw[name])), v["strategy"])
+        if v["ue8m0"]:
+            assert np.all((code_max >= 224) & (code_max <= 448)), name
         else:
-            assert all(m <= 448 for m in group_max.values())
+            assert np.all(code_max == 448), name
 
 
 def test_configs_match_each_convention(checkpoints) -> None:
@@ -314,10 +315,10 @@ def test_configs_match_each_convention(checkpoints) -> None:
     assert ue == {**ds, "scale_fmt": "ue8m0"}
 
     import compressed_tensors
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, preset_name_to_args
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 
     for variant, preset in (("ct-tensor", "FP8"), ("ct-channel", "FP8_DYNAMIC"), ("ct-block", "FP8_BLOCK")):
-        scheme = QuantizationScheme(targets=["Linear"], **preset_name_to_args(preset))
+        scheme = preset_name_to_scheme(preset, ["Linear"])
         qc = QuantizationConfig(config_groups={"group_0": scheme}, format="float-quantized",
                                 quantization_status="compressed", ignore=["lm_head"])
         want = {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors", "sparsity_config": {},
@@ -380,7 +381,8 @@ def test_dequantize_matches_reference_any_shape(out_dim: int, in_dim: int, kind:
     codes = _codes(rng, (out_dim, in_dim))
     shape = {"tensor": (1,), "channel": (out_dim, 1), "block": (-(-out_dim // 128), -(-in_dim // 128))}[kind]
     s32 = np.exp2(rng.uniform(-140, 100, size=shape)).astype(np.float32)
-    s32.flat[0] = 0.0 if s32.size > 1 else s32.flat[0]
+    if s32.size > 1:
+        s32.flat[0] = 0.0  # a zero scale (an all-zero block) is allowed
     stored = s32.astype(ml_dtypes.bfloat16) if scale_dtype == "BF16" else s32
     src = FP8Source("compressed-tensors", (128, 128) if kind == "block" else None, frozenset({kind}))
     got = src.dequantize(codes.view(ml_dtypes.float8_e4m3fn), stored, name="w")
@@ -511,3 +513,21 @@ def test_bad_scales_are_refused(checkpoints) -> None:
     ct_tensor = FP8Source("compressed-tensors", None, frozenset({"tensor"}))
     with pytest.raises(fp4fmt.QuantizationError, match=tag + r".*expected tensor: \[\] or \[1\] or \[1, 1\]"):
         ct_tensor.dequantize(w, s, name=name)
+
+
+def test_modelopt_config_sources(checkpoints) -> None:
+    """modelopt is recognised from config.json alone or hf_quant_config.json alone; MIXED_PRECISION of FP8
+    algorithms allows both granularities; the two files disagreeing is an error naming hf_quant_config.json."""
+    path = checkpoints["modelopt-channel"]
+    config = json.loads((path / "config.json").read_text())
+    hq = json.loads((path / "hf_quant_config.json").read_text())
+    d = {k: v[0] for k, v in read_dir(path).items()}
+    want = FP8Source("modelopt", None, frozenset({"channel"}))
+    assert detect_fp8(config, None, d) == want
+    assert detect_fp8({k: v for k, v in config.items() if k != "quantization_config"}, hq, d) == want
+    mixed = {"quant_algo": "MIXED_PRECISION", "quantized_layers": {"a": {"quant_algo": "FP8"},
+                                                                   "b": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}}}
+    assert detect_fp8(None, {"quantization": mixed}, d).kinds == {"tensor", "channel"}
+    hq["quantization"]["quant_algo"] = "FP8"
+    with pytest.raises(fp4fmt.FP4FmtError, match=r"^hf_quant_config\.json: .*'FP8_PER_CHANNEL_PER_TOKEN'.*'FP8'"):
+        detect_fp8(config, hq, d)

@@ -336,7 +336,7 @@ def test_build_is_cached_and_deterministic(smollm2_dir: Path, tmp_path: Path) ->
     start = time.perf_counter()
     again = sc.build()
     elapsed = time.perf_counter() - start
-    assert again == smollm2_dir and elapsed < 3.0, elapsed
+    assert again == smollm2_dir and elapsed < 10.0, elapsed  # hashing the GGUF, no conversion
     assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == mtime  # not rewritten
     assert folder_digests(smollm2_dir) == before
     stamp = json.loads((smollm2_dir / sc.STAMP).read_text())

@@ -28,7 +28,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from fp4fmt import container, dtypes
+from safetensors.numpy import save_file as st_save_file
+
+from fp4fmt import dtypes
 from fp4fmt.converters.safetensors_file import should_quantize
 from fp4fmt.files import safe_open
 
@@ -204,12 +206,9 @@ def convert_shard(path: Path, convention: str, strategy: str, scale_dtype: str |
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> int:
-    """Write a plain safetensors file (no fp4fmt descriptor); returns the bytes of tensor data."""
-    items = [container.Item(n, dtypes.dtype_name(a.dtype), tuple(a.shape), np.ascontiguousarray(a).reshape(a.shape))
-             for n, a in tensors.items()]
-    ordered = container.layout_order(items)
-    container.write_atomic(path, container.build_header(ordered, metadata), ordered)
-    return sum(it.data.nbytes for it in ordered)
+    """Write a plain safetensors file with the safetensors library; returns the bytes of tensor data."""
+    st_save_file({n: np.ascontiguousarray(a).reshape(a.shape) for n, a in tensors.items()}, str(path), metadata=metadata)
+    return sum(a.nbytes for a in tensors.values())
 
 
 def make(src: Path, dst: Path, convention: str, strategy: str | None = None, scale_dtype: str | None = None,
