@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import os
 import shutil
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, descriptor, dtypes, layout, schemes
-from ..errors import FP4FmtError, FormatError
+from ..errors import FormatError, FP4FmtError, QuantizationError
 from ..files import StreamingWriter, safe_open
-from ..qtensor import absmax, quantize_with_error
+from ..qtensor import ErrorStats, absmax, absmax_or_nan, quantize_with_error
 from . import plan as planning
 from .source import INDEX_NAME, SourceCheckpoint
 
@@ -145,10 +146,13 @@ def group_tensor_scales(src: SourceCheckpoint, actions: list[planning.Action], p
     amax: dict[str, float] = {}
     members = [a for a in actions if a.kind == "quantize" and a.group]
     for a in members:
-        try:
-            m = absmax(_load(src, a, fp8), name=a.name)
-        except FP4FmtError as e:
-            raise type(e)(e.rule, file=src.tensors[a.name].file, tensor=a.name) from None
+        if a.fp8_scale is None:
+            m = _scan_amax(src, a)
+        else:
+            try:
+                m = absmax(_load(src, a, fp8), name=a.name)
+            except FP4FmtError as e:
+                raise type(e)(e.rule, file=src.tensors[a.name].file, tensor=a.name) from None
         amax[a.group] = max(amax.get(a.group, 0.0), m)
         if progress:
             progress(a.name)
@@ -173,11 +177,62 @@ def _json_float(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def write_shard(task: ShardTask, progress: Callable | None = None) -> dict:
-    """Quantize and write one output shard; returns its per-tensor report entries."""
+CHUNK_BYTES = 16 << 20  # source bytes per piece of work: bounds memory to a few pieces per thread
+
+
+def _row_pieces(shape: tuple[int, ...], itemsize: int) -> list[tuple[int, int]]:
+    """[r0, r1) row ranges of a tensor seen as [rows, last dim], about CHUNK_BYTES each."""
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    row_bytes = max(1, shape[-1] * itemsize) if shape else itemsize
+    step = max(1, CHUNK_BYTES // row_bytes)
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)] or [(0, 0)]
+
+
+def _read_rows(src: SourceCheckpoint, name: str, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of a tensor seen as [rows, last dim] (a 1-D tensor is one row)."""
+    t = src.tensors[name]
+    k = t.shape[-1] if t.shape else 1
+    return src.read_range(name, r0 * k, r1 * k).reshape(r1 - r0, k)
+
+
+def _scan_amax(src: SourceCheckpoint, a: planning.Action) -> float:
+    """max |x| of a source tensor, read piece by piece; a NaN/Inf is reported with its logical index."""
+    t = src.tensors[a.name]
+    best = 0.0
+    for r0, r1 in _row_pieces(t.shape, dtypes.itemsize(t.dtype)):
+        x = _read_rows(src, a.name, r0, r1)
+        try:
+            best = max(best, absmax(x))
+        except FP4FmtError:
+            raise _nonfinite(t, x, r0) from None
+    return best
+
+
+def _nonfinite(t, rows: np.ndarray, r0: int) -> FP4FmtError:
+    """The error for a NaN/Inf in ``rows`` (rows r0.. of tensor t seen as [rows, last dim]), with the
+    element's index in the tensor's own shape."""
+    finite = np.isfinite(rows.astype(np.float32))
+    i, j = np.unravel_index(int(np.argmin(finite.reshape(-1))), rows.shape)
+    idx = ([int(v) for v in np.unravel_index(r0 + i, t.shape[:-1])] if len(t.shape) > 1 else []) + [int(j)]
+    return QuantizationError(f"value {rows[i, j]} at index {idx} is not finite; NaN and Inf cannot be quantized",
+                             file=t.file, tensor=t.name)
+
+
+def _streamable(a: planning.Action, src: SourceCheckpoint) -> bool:
+    """Quantized in row pieces: blocks along the last axis of a float (not FP8) source."""
+    return a.fp8_scale is None and (a.kind == "keep" or a.axis == len(a.shape) - 1)
+
+
+def write_shard(task: ShardTask, progress: Callable | None = None, threads: int = 1) -> dict:
+    """Quantize and write one output shard; returns its per-tensor report entries.
+
+    Tensors whose blocks run along their last axis are processed in row pieces of about CHUNK_BYTES by
+    ``threads`` threads (the native quantizer, reads, writes and hashing release the GIL), each piece
+    written at its place in the file; others (FP8 sources, other axes) whole. Memory stays at a few pieces
+    per thread plus the largest tensor that cannot be split.
+    """
     src = SourceCheckpoint(task.src_path)
     fp8 = _fp8_source(src) if any(a.fp8_scale for a in task.actions) else None
-    sch = schemes.SCHEMES[task.opts.scheme]
     plan_layout: dict = {}
     for a in task.actions:
         if a.kind == "quantize":
@@ -189,18 +244,24 @@ def write_shard(task: ShardTask, progress: Callable | None = None) -> dict:
             plan_layout[a.name] = (a.out_dtype, a.shape)
     entries: dict[str, dict] = {}
     meta = {"format": "pt", "fp4fmt_plan": task.plan_digest}
-    with StreamingWriter(task.dst_file, plan_layout, meta) as w:
+    with StreamingWriter(task.dst_file, plan_layout, meta) as w, ThreadPoolExecutor(max(1, threads)) as pool:
+        hashing: list = []  # checksums of finished tensors, computed while the next ones are worked on
         for a in task.actions:
-            x = _load(src, a, fp8)
+            t = src.tensors[a.name]
             if a.kind == "quantize":
                 td = plan_layout[a.name]
-                ts = task.group_scales.get(a.group) if a.group else None
-                try:
-                    qt, st = quantize_with_error(x, a.scheme, axis=a.axis, tensor_scale=ts, scale_rule=td.scale_rule,
-                                                 name=a.name)
-                except FP4FmtError as e:
-                    raise type(e)(e.rule, file=src.tensors[a.name].file, tensor=a.name) from None
-                w.add(a.name, qt)
+                if _streamable(a, src):
+                    st, nbytes = _quantize_in_pieces(src, a, td, task, w, pool)
+                else:
+                    ts = task.group_scales.get(a.group) if a.group else None
+                    try:
+                        qt, st = quantize_with_error(_load(src, a, fp8), a.scheme, axis=a.axis, tensor_scale=ts,
+                                                     scale_rule=td.scale_rule, name=a.name)
+                    except FP4FmtError as e:
+                        raise type(e)(e.rule, file=t.file, tensor=a.name) from None
+                    w.add(a.name, qt)
+                    nbytes = qt.nbytes
+                    qt = None  # free before the next tensor is read
                 entries[a.name] = {
                     "action": "quantized",
                     "scheme": a.scheme,
@@ -212,30 +273,114 @@ def write_shard(task: ShardTask, progress: Callable | None = None) -> dict:
                     "sqnr_db": _json_float(st.sqnr_db),
                     "rel_rmse": st.rel_rmse,
                     "max_abs_error": st.max_abs_error,
-                    "source_bytes": src.tensors[a.name].nbytes,
-                    "stored_bytes": qt.nbytes,
-                    "bits_per_weight": qt.bits_per_weight,
+                    "source_bytes": t.nbytes,
+                    "stored_bytes": nbytes,
+                    "bits_per_weight": 8.0 * nbytes / max(1, int(np.prod(a.shape, dtype=np.int64))),
                 }
             else:
-                value = x if a.out_dtype == a.dtype else x.astype(dtypes.numpy_dtype(a.out_dtype))
-                w.add(a.name, value)
+                if _streamable(a, src) and a.out_dtype == a.dtype:
+                    nbytes = _copy_in_pieces(src, a, w, pool)
+                else:
+                    x = _load(src, a, fp8)
+                    value = x if a.out_dtype == a.dtype else x.astype(dtypes.numpy_dtype(a.out_dtype))
+                    w.add(a.name, value)
+                    nbytes = value.nbytes
+                    x = value = None
                 entries[a.name] = {
                     "action": "kept",
                     "reason": a.reason + (" (FP8 dequantized, stored as BF16)" if a.fp8_scale else ""),
                     "shape": list(a.shape),
                     "dtype": a.out_dtype,
                     "linear_like": planning.is_linear_like(a),
-                    "source_bytes": src.tensors[a.name].nbytes,
-                    "stored_bytes": value.nbytes,
+                    "source_bytes": t.nbytes,
+                    "stored_bytes": nbytes,
                 }
-            del x
+            if a.kind == "quantize" and _streamable(a, src):
+                hashing += [pool.submit(w.finish_part, slot) for slot in td.part_names().values()]
+            elif a.kind == "keep" and _streamable(a, src) and a.out_dtype == a.dtype and t.shape and t.nbytes:
+                hashing.append(pool.submit(w.finish_part, a.name))
             if progress:
                 progress(a.name)
+        for f in hashing:
+            f.result()
     return entries
 
 
-def _run_task(task: ShardTask) -> tuple[str, dict]:
-    return task.dst_file, write_shard(task)
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, depth: int) -> list:
+    """pool.map with at most ``depth`` items in flight (bounds memory); results in item order."""
+    results: list = [None] * len(items)
+    pending: dict = {}
+    for i, item in enumerate(items):
+        if len(pending) >= depth:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                results[pending.pop(f)] = f.result()
+        pending[pool.submit(fn, item)] = i
+    for f in list(pending):
+        results[pending.pop(f)] = f.result()
+    return results
+
+
+def _quantize_in_pieces(src, a: planning.Action, td, task: ShardTask, w: StreamingWriter, pool) -> tuple[ErrorStats, int]:
+    t = src.tensors[a.name]
+    sch = schemes.SCHEMES[a.scheme]
+    geo = layout.geometry(a.shape, a.axis, sch.block_size)
+    ts, whole = None, None
+    if sch.has_tensor_scale and a.group:
+        ts = task.group_scales[a.group]
+    elif sch.has_tensor_scale:  # the tensor's own scale needs its amax first: read it once, whole
+        whole = src.read(a.name).reshape(geo.rows, geo.k)
+        amax = absmax_or_nan(whole)
+        if not np.isfinite(amax):
+            raise _nonfinite(t, whole, 0)
+        ts = float(schemes.nvfp4_tensor_scale(amax))
+    parts = td.part_names()
+    row_codes, row_scales = geo.padded_k // 2, geo.n_blocks
+
+    def piece(rng: tuple[int, int]) -> tuple[float, float, float]:
+        r0, r1 = rng
+        x = whole[r0:r1] if whole is not None else _read_rows(src, a.name, r0, r1)
+        try:
+            qt, st = quantize_with_error(x, a.scheme, tensor_scale=ts, scale_rule=td.scale_rule, name=a.name)
+        except QuantizationError:
+            raise _nonfinite(t, x, r0) from None
+        w.write_part(parts["codes"], r0 * row_codes, qt.codes)
+        w.write_part(parts["scales"], r0 * row_scales, qt.scales)
+        return st.sum_sq_signal, st.sum_sq_error, st.max_abs_error
+
+    ranges = _row_pieces(a.shape, dtypes.itemsize(t.dtype))
+    sums = _bounded_map(pool, piece, ranges, 2 * pool._max_workers)
+    if "tensor_scale" in parts:
+        w.write_part(parts["tensor_scale"], 0, np.array(ts, dtype="<f4"))
+    e2 = x2 = 0.0
+    emax = 0.0
+    for sx, se, m in sums:  # in row order: the same floating-point sums however the threads ran
+        x2 += sx
+        e2 += se
+        emax = max(emax, m)
+    nbytes = geo.rows * (row_codes + row_scales) + (4 if "tensor_scale" in parts else 0)
+    return ErrorStats(geo.rows * geo.k, x2, e2, emax), nbytes
+
+
+def _copy_in_pieces(src, a: planning.Action, w: StreamingWriter, pool) -> int:
+    t = src.tensors[a.name]
+    if not t.shape or t.nbytes == 0:
+        w.add(a.name, src.read(a.name))
+        return t.nbytes
+    k = t.shape[-1]
+    isz = dtypes.itemsize(t.dtype)
+
+    def piece(rng: tuple[int, int]) -> None:
+        r0, r1 = rng
+        w.write_part(a.name, r0 * k * isz, _read_rows(src, a.name, r0, r1))
+
+    _bounded_map(pool, piece, _row_pieces(t.shape, isz), 2 * pool._max_workers)
+    return t.nbytes
+
+
+def _run_task(args: tuple[ShardTask, int]) -> tuple[str, dict]:
+    task, threads = args
+    return task.dst_file, write_shard(task, threads=threads)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,6 +441,7 @@ def convert_checkpoint(
     opts: Options = Options(),
     *,
     workers: int = 1,
+    threads: int | None = None,
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Result:
@@ -306,6 +452,8 @@ def convert_checkpoint(
     src = SourceCheckpoint(src_path)
     dst = Path(dst_path)
     schemes.get_scheme(opts.scheme)
+    if threads is None:  # share the CPUs between the worker processes
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     actions = make_plan(src, opts)
     shards = shard_plan(actions, opts)
     names = shard_names(len(shards))
@@ -343,13 +491,13 @@ def convert_checkpoint(
         progress("converting", done["n"], total)
     if workers <= 1 or len(tasks) <= 1:
         for t in tasks:
-            entries = write_shard(t, tick("converting", total))
+            entries = write_shard(t, tick("converting", total), threads=threads)
             _write_json(work / f"{Path(t.dst_file).name}.report.json", entries)
             result.shards_written += 1
     else:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(min(workers, len(tasks))) as pool:
-            for dst_file, entries in pool.imap_unordered(_run_task, tasks):
+            for dst_file, entries in pool.imap_unordered(_run_task, [(t, threads) for t in tasks]):
                 _write_json(work / f"{Path(dst_file).name}.report.json", entries)
                 result.shards_written += 1
                 done["n"] += len(entries)
@@ -369,13 +517,13 @@ def convert_checkpoint(
 
     for f in src.side_files():
         shutil.copyfile(f, dst / f.name)
-    if src.config is not None:
-        _write_json(dst / "config.json", _config_with_quantization(src.config, opts, actions))
     _write_json(dst / REPORT_NAME, report)
     total_size = sum((dst / n).stat().st_size for n in names)
     if len(names) > 1:
         _write_json(dst / INDEX_NAME, {"metadata": {"total_size": total_size, "fp4fmt_format_version":
                                                     descriptor.FORMAT_VERSION}, "weight_map": weight_map})
+    if src.config is not None:  # last: config.json is what makes the folder loadable
+        _write_json(dst / "config.json", _config_with_quantization(src.config, opts, actions))
     shutil.rmtree(work)
     return result
 

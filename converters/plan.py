@@ -175,7 +175,7 @@ def finalize_groups(actions: list[Action]) -> list[Action]:
 
 def is_linear_like(a: Action) -> bool:
     """Counts toward "linear-layer parameters" for the high-precision warning: a matrix that is not an
-    embedding, LM head, norm or router."""
-    if len(a.shape) < 2:
+    embedding, LM head, norm or router (nor an integer buffer such as BERT's position_ids)."""
+    if len(a.shape) < 2 or a.dtype not in dtypes.FLOAT_SOURCE_DTYPES:
         return False
     return not any(re.search(p, a.name) for p in DEFAULT_IGNORE)

@@ -136,16 +136,25 @@ class SourceCheckpoint:
     def read(self, name: str) -> np.ndarray:
         """The tensor's values, in a fresh array of its own dtype and shape."""
         t = self.tensors[name]
-        out = np.empty(t.shape, dtype=dtypes.numpy_dtype(t.dtype))
-        buf = memoryview(out.reshape(-1).view(np.uint8))
+        return self.read_range(name, 0, int(np.prod(t.shape, dtype=np.int64))).reshape(t.shape)
+
+    def read_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of the tensor in C order, as a fresh 1-D array (read with pread)."""
+        t = self.tensors[name]
+        dt = dtypes.numpy_dtype(t.dtype)
+        out = np.empty(stop - start, dtype=dt)
+        buf = memoryview(out.view(np.uint8))
         try:
-            with open(t.file, "rb", buffering=0) as f:
-                pos, done = t.offset, 0
-                while done < t.nbytes:
-                    n = os.preadv(f.fileno(), [buf[done:]], pos + done)
+            fd = os.open(t.file, os.O_RDONLY)
+            try:
+                pos, done = t.offset + start * dt.itemsize, 0
+                while done < buf.nbytes:
+                    n = os.preadv(fd, [buf[done:]], pos + done)
                     if n <= 0:
                         raise FormatError("file ended before the tensor's data (truncated?)", file=t.file, tensor=name)
                     done += n
+            finally:
+                os.close(fd)
         except OSError as e:
             raise FormatError(f"cannot read: {e.strerror or e}", file=t.file, tensor=name) from None
         return out

@@ -223,7 +223,7 @@ def _create_temp(directory: str, basename: str) -> tuple[int, str]:
     for _ in range(100):
         tmp = os.path.join(directory, f".{basename}.{secrets.token_hex(6)}.fp4fmt-tmp")
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), tmp
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a temporary file in {directory}")

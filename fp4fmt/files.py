@@ -6,8 +6,10 @@ they are). Reading validates the container and the descriptor before any tensor 
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
+import threading
 from collections.abc import Mapping
 from typing import Union
 
@@ -129,6 +131,8 @@ class StreamingWriter:
             raise WriteError(e.rule, file=self.filename, tensor=e.tensor) from None
         self._data_start = len(header)
         self._sums: dict[str, str] = {}
+        self._pieces: dict[str, int] = {}
+        self._lock = threading.Lock()
         try:
             self._fd, self._tmp = container._create_temp(os.path.dirname(os.path.abspath(self.filename)),
                                                          os.path.basename(self.filename))
@@ -208,8 +212,63 @@ class StreamingWriter:
                                  file=self.filename, tensor=name)
             self._put(name, item.data)
 
+    def write_part(self, slot_name: str, offset: int, data) -> None:
+        """Write bytes of stored tensor ``slot_name`` (a part name, or a plain tensor's name) at ``offset``
+        within it: for tensors produced in pieces, possibly from several threads. The pieces must tile the
+        tensor exactly; its checksum is computed from the file when the writer closes."""
+        sl = self._slots.get(slot_name)
+        if sl is None:
+            raise WriteError("not a stored tensor of this file's layout", file=self.filename, tensor=slot_name)
+        raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        if offset < 0 or offset + raw.nbytes > sl.nbytes:
+            raise WriteError(f"piece [{offset}, {offset + raw.nbytes}) outside the tensor's {sl.nbytes} bytes",
+                             file=self.filename, tensor=slot_name)
+        pos = self._data_start + self._offsets[slot_name] + offset
+        n_total = raw.nbytes
+        try:
+            while raw.nbytes:
+                n = os.pwrite(self._fd, raw, pos)
+                raw, pos = raw[n:], pos + n
+        except OSError as e:
+            raise WriteError(f"writing failed: {e.strerror or e}", file=self.filename, tensor=slot_name) from e
+        with self._lock:
+            self._pieces[slot_name] = self._pieces.get(slot_name, 0) + n_total
+
+    def _checksum_from_file(self, slot_name: str) -> str:
+        sl = self._slots[slot_name]
+        h = hashlib.sha256()
+        pos, end = self._data_start + self._offsets[slot_name], self._data_start + self._offsets[slot_name] + sl.nbytes
+        while pos < end:
+            try:
+                chunk = os.pread(self._fd, min(16 << 20, end - pos), pos)
+            except OSError as e:
+                raise WriteError(f"reading back failed: {e.strerror or e}", file=self.filename, tensor=slot_name) from e
+            if not chunk:
+                raise WriteError("file shorter than planned", file=self.filename, tensor=slot_name)
+            h.update(chunk)
+            pos += len(chunk)
+        return f"{descriptor.CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+    def finish_part(self, slot_name: str) -> None:
+        """Checksum a tensor written with :meth:`write_part` once all its pieces are in (thread-safe; lets the
+        hashing of one tensor overlap the work on the next). ``close`` does it for any not finished."""
+        with self._lock:
+            n = self._pieces.get(slot_name, 0)
+        if n != self._slots[slot_name].nbytes:
+            raise WriteError(f"pieces cover {n} of {self._slots[slot_name].nbytes} bytes", file=self.filename,
+                             tensor=slot_name)
+        digest = self._checksum_from_file(slot_name)
+        with self._lock:
+            self._sums[slot_name] = digest
+
     def close(self) -> None:
         """Write the header and move the file into place (atomically)."""
+        for name in [n for n in self._pieces if n not in self._sums]:
+            try:
+                self.finish_part(name)
+            except WriteError:
+                self.abort()
+                raise
         missing = [n for n in self._slots if n not in self._sums]
         if missing:
             self.abort()

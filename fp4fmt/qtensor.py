@@ -179,6 +179,15 @@ def _amax_storage(values: np.ndarray, xs: np.ndarray, geo: layout.Geometry, name
     return np.float32(amax)
 
 
+def absmax_or_nan(array) -> float:
+    """max |x| of a float array, or NaN if it holds a NaN or Inf (no exception, no float32 copy where the
+    accelerator reads the dtype in place)."""
+    try:
+        return absmax(array)
+    except QuantizationError:
+        return float("nan")
+
+
 def absmax(array, *, name: str | None = None) -> float:
     """max |x| of a float array without a float32 copy where the accelerator can read it in place;
     QuantizationError (naming the tensor and index) on NaN/Inf. This is the amax of the NVFP4 tensor scale."""

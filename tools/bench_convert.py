@@ -25,6 +25,13 @@ read from it (real values and shapes), with ``bench_codec.time_median`` (median 
 codec MB/s is their bytes over the sum of their median times; ``conversion / codec`` is the conversion MB/s
 over it (target: at least 0.5, i.e. conversion within 2x of the codec).
 
+Where the time goes: each checkpoint is also converted once in this process under ``cProfile`` (first scheme),
+and the exclusive time of the leaf calls is summed per stage: reading the source (``os.preadv``), native amax
+scans, native quantization with its error statistics, sha256 checksums, ``os.pwrite``, ``fsync``, and the rest.
+The table also gives the bytes read over the tensor bytes: members of a fused group (q/k/v, gate/up) are read
+twice, once for their shared NVFP4 tensor scale and once to be quantized. Interpreter start-up is not in it;
+the tiny checkpoint's wall time shows it.
+
 Peak RSS comes from GNU time: ``/usr/bin/time -v`` ("Maximum resident set size"). Where it is missing,
 install it with ``apt-get update && apt-get install -y time``; without it (or with ``--rss-method rusage``)
 each run goes through a small Python wrapper process that runs the command and reads
@@ -48,7 +55,9 @@ sys.path.insert(0, TOOLS)
 import bench_codec  # noqa: E402  (sets the thread-count variables to 1 before numpy is imported)
 
 import argparse  # noqa: E402
+import cProfile  # noqa: E402
 import json  # noqa: E402
+import pstats  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -63,7 +72,7 @@ import numpy as np  # noqa: E402
 
 import fp4fmt  # noqa: E402
 from fp4fmt import container  # noqa: E402
-from fp4fmt.converters.checkpoint import Options, make_plan  # noqa: E402
+from fp4fmt.converters.checkpoint import Options, convert_checkpoint, make_plan  # noqa: E402
 from fp4fmt.converters.source import INDEX_NAME, SourceCheckpoint  # noqa: E402
 
 GNU_TIME = "/usr/bin/time"
@@ -74,6 +83,16 @@ CHUNK_BYTES = 64 << 20  # the synthetic writer's piece size
 CODEC_TENSORS = 3  # largest quantized tensors timed with the codec alone
 CODEC_REPEAT = 3
 MB = 1e6
+
+# Leaf calls of an in-process conversion under cProfile (substring of pstats' function name) -> stage.
+STAGES = (
+    ("posix.preadv", "read source tensors (os.preadv)"),
+    ("_native.scan", "amax scans (native)"),
+    ("_native.quantize", "quantize + error stats (native)"),
+    ("openssl_sha256", "sha256 checksums of the output"),
+    ("posix.pwrite", "write output (os.pwrite)"),
+    ("posix.fsync", "fsync of the output"),
+)
 
 # Run by the rusage fallback: runs argv[1:], prints {"rc", "wall_s", "maxrss_kib"} of that child on stdout.
 RUSAGE_WRAPPER = """
@@ -284,12 +303,44 @@ def codec_throughput(src: SourceCheckpoint, scheme: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# where the time goes: one in-process conversion under cProfile
+
+
+def profile_stages(folder: Path, dst: Path, scheme: str, row: dict) -> dict:
+    """Seconds per stage (STAGES, exclusive time of those calls) of one in-process conversion, the rest as
+    "other"; the bytes the converter reads (fused-group members are read twice: amax scan, then quantize);
+    the in-process MB/s over the codec MB/s of ``row`` (the measured row of this checkpoint and scheme)."""
+    src = SourceCheckpoint(folder)
+    actions = make_plan(src, Options(scheme=scheme))
+    reread = sum(src.tensors[a.name].nbytes for a in actions if a.kind == "quantize" and a.group)
+    shutil.rmtree(dst, ignore_errors=True)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(convert_checkpoint, folder, dst, Options(scheme=scheme))
+    total = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    stages = {label: 0.0 for _, label in STAGES}
+    for (_, _, name), (_, _, tottime, _, _) in stats.items():
+        for key, label in STAGES:
+            if key in name:
+                stages[label] += tottime
+    stages["other (Python, numpy, planning, JSON, side files)"] = total - sum(stages.values())
+    tensor_bytes = sum(t.nbytes for t in src.tensors.values())
+    mbps = checkpoint_bytes(src) / total / MB
+    return {"scheme": scheme, "total_s": total, "mb_per_s": mbps, "stages_s": stages,
+            "in_process_over_codec": mbps / row["codec"]["quantize_mb_per_s"],
+            "tensor_bytes": tensor_bytes, "bytes_read": tensor_bytes + reread, "group_reread_bytes": reread}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the benchmark
 
 
 def measure(label: str, folder: Path, work: Path, scheme: str, repeat: int, method: str, overhead: int) -> dict:
     """Convert ``folder`` ``repeat`` times with ``scheme``; one result row."""
     src = SourceCheckpoint(folder)
+    label = f"{label}, {len(src.files)} file(s)"
     size = checkpoint_bytes(src)
     largest = max(src.tensors.values(), key=lambda t: t.nbytes)
     runs = [convert_once(folder, work / f"out-{scheme}", scheme, method) for _ in range(repeat)]
@@ -318,14 +369,14 @@ def measure(label: str, folder: Path, work: Path, scheme: str, repeat: int, meth
 
 def run(work: Path, synthetic_gb: float, repeat: int, schemes: list[str], method: str) -> dict:
     """Every measurement of the module docstring; the report as a dict."""
-    sys.path.insert(0, TOOLS)
-    import smollm2_checkpoint
+    import smollm2_checkpoint  # tools/ is on sys.path (top of this file)
 
     tiny = write_checkpoint(work / "tiny", tiny_specs(), shard_bytes=SOURCE_SHARD_BYTES)
     overhead = {s: [convert_once(tiny, work / f"out-{s}", s, method) for _ in range(repeat)] for s in schemes}
     fixed = {s: min(r.peak_rss_bytes for r in runs) for s, runs in overhead.items()}
     smol = smollm2_checkpoint.build()
     rows = [measure("SmolLM2-135M (HF BF16)", smol, work, s, repeat, method, fixed[s]) for s in schemes]
+    profiles = {"SmolLM2-135M": profile_stages(smol, work / "out-profile", schemes[0], rows[0])}
     synthetic = None
     if synthetic_gb > 0:
         target = int(synthetic_gb * 1e9)
@@ -336,14 +387,17 @@ def run(work: Path, synthetic_gb: float, repeat: int, schemes: list[str], method
         folder = write_checkpoint(work / "synthetic", synthetic_specs(target), shard_bytes=SOURCE_SHARD_BYTES)
         synthetic = {"path": str(folder), "write_s": time.perf_counter() - t0,
                      "files": sorted(p.name for p in folder.glob("*.safetensors"))}
-        rows += [measure(f"synthetic {synthetic_gb:g} GB (BF16, sharded)", folder, work, s, 1, method, fixed[s]) for s in schemes]
+        rows += [measure(f"synthetic {synthetic_gb:g} GB (BF16)", folder, work, s, 1, method, fixed[s]) for s in schemes]
+        profiles[f"synthetic {synthetic_gb:g} GB"] = profile_stages(folder, work / "out-profile", schemes[0], rows[-len(schemes)])
         shutil.rmtree(folder)
     return {
         "rss_method": "GNU time -v (Maximum resident set size)" if method == "time" else
                       "resource.getrusage(RUSAGE_CHILDREN).ru_maxrss in a per-run wrapper process",
         "cli": fp4fmt_cli(),
         "repeat": repeat,
-        "fixed_overhead": {s: {"runs": [asdict(r) for r in runs], "peak_rss_bytes_min": fixed[s]} for s, runs in overhead.items()},
+        "fixed_overhead": {s: {"runs": [asdict(r) for r in runs], "peak_rss_bytes_min": fixed[s],
+                               "wall_s_median": statistics.median(r.wall_s for r in runs)} for s, runs in overhead.items()},
+        "profiles": profiles,
         "smollm2": str(smol),
         "synthetic": synthetic,
         "machine": bench_codec.machine_info(),
@@ -366,7 +420,8 @@ def markdown(report: dict) -> str:
             f"| {r['codec']['quantize_mb_per_s']:.0f} | {r['conversion_over_codec']:.2f} |"
         )
     lines.append("")
-    fixed = ", ".join(f"{s} {v['peak_rss_bytes_min'] / MB:.1f} MB" for s, v in report["fixed_overhead"].items())
+    fixed = ", ".join(f"{s} {v['peak_rss_bytes_min'] / MB:.1f} MB (median wall {v['wall_s_median']:.2f} s)"
+                      for s, v in report["fixed_overhead"].items())
     lines.append(f"- fixed overhead (peak RSS converting a tiny checkpoint, min of {report['repeat']} runs): {fixed}")
     for r in report["rows"]:
         c = r["codec"]
@@ -385,6 +440,29 @@ def markdown(report: dict) -> str:
     if report["synthetic"]:
         lines.append(f"- synthetic checkpoint written in {report['synthetic']['write_s']:.1f} s as "
                      f"{len(report['synthetic']['files'])} shard(s), deleted afterwards")
+    lines += ["", stage_table(report["profiles"])]
+    return "\n".join(lines)
+
+
+def stage_table(profiles: dict) -> str:
+    """Where the time of one in-process conversion goes (no interpreter start-up), as a Markdown table."""
+    names = list(profiles)
+    first = profiles[names[0]]
+    lines = [
+        f"Where the time goes: one in-process `convert_checkpoint` per checkpoint under cProfile ({first['scheme']}; "
+        "seconds and share of the total; no interpreter start-up)",
+        "",
+        "| stage | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for stage in first["stages_s"]:
+        cells = [f"{p['stages_s'][stage]:.2f} ({100 * p['stages_s'][stage] / p['total_s']:.0f}%)" for p in profiles.values()]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines.append("| **total** | " + " | ".join(f"{p['total_s']:.2f} ({p['mb_per_s']:.0f} MB/s)" for p in profiles.values()) + " |")
+    lines.append("| in-process conversion MB/s / codec quantize MB/s | "
+                 + " | ".join(f"{p['in_process_over_codec']:.2f}" for p in profiles.values()) + " |")
+    lines.append("| bytes read / tensor bytes (fused groups read twice) | "
+                 + " | ".join(f"{p['bytes_read'] / p['tensor_bytes']:.2f}" for p in profiles.values()) + " |")
     return "\n".join(lines)
 
 
