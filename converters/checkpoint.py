@@ -516,7 +516,10 @@ def convert_checkpoint(
     result.report, result.warnings = report, warnings
 
     for f in src.side_files():
-        shutil.copyfile(f, dst / f.name)
+        if f.is_dir():
+            shutil.copytree(f, dst / f.name, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(f, dst / f.name)
     _write_json(dst / REPORT_NAME, report)
     total_size = sum((dst / n).stat().st_size for n in names)
     if len(names) > 1:
@@ -531,7 +534,8 @@ def convert_checkpoint(
 def _config_with_quantization(config: dict, opts: Options, actions: list[planning.Action]) -> dict:
     cfg = dict(config)
     sch = schemes.SCHEMES[opts.scheme]
-    kept = sorted({a.name.rsplit(".", 1)[0] for a in actions if a.kind == "keep" and len(a.shape) >= 2})
+    kept = sorted({a.name.rsplit(".", 1)[0] for a in actions
+                   if a.kind == "keep" and len(a.shape) >= 2 and (a.fp8_scale or a.dtype in dtypes.FLOAT_SOURCE_DTYPES)})
     cfg["quantization_config"] = {
         "quant_method": "fp4fmt",
         "format_version": descriptor.FORMAT_VERSION,

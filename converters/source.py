@@ -160,13 +160,17 @@ class SourceCheckpoint:
         return out
 
     def side_files(self) -> list[Path]:
-        """Small files to copy beside the converted weights (tokenizer, generation config, chat template...)."""
+        """Small files and folders to copy beside the converted weights (tokenizer, generation config, chat
+        template, sentence-transformers module folders such as 1_Pooling/); never weights."""
         if not self.path.is_dir():
             return []
         skip = {INDEX_NAME, "config.json", "hf_quant_config.json"}
         out = []
         for f in sorted(self.dir.iterdir()):
-            if f.is_file() and f.name not in skip and f.suffix != ".safetensors" and f.stat().st_size <= 64 << 20:
-                if not any(f.match(p) for p in PICKLE_PATTERNS):
-                    out.append(f)
+            if f.name in skip or f.name.startswith("."):
+                continue
+            files = [f] if f.is_file() else sorted(g for g in f.rglob("*") if g.is_file()) if f.is_dir() else []
+            weights = any(g.suffix == ".safetensors" or any(g.match(p) for p in PICKLE_PATTERNS) for g in files)
+            if files and not weights and sum(g.stat().st_size for g in files) <= 64 << 20:
+                out.append(f)
         return out
