@@ -198,13 +198,15 @@ def _read_rows(src: SourceCheckpoint, name: str, r0: int, r1: int) -> np.ndarray
 def _scan_amax(src: SourceCheckpoint, a: planning.Action) -> float:
     """max |x| of a source tensor, read piece by piece; a NaN/Inf is reported with its logical index."""
     t = src.tensors[a.name]
+    k = t.shape[-1] if t.shape else 1
+    rows_per_piece = _row_pieces(t.shape, dtypes.itemsize(t.dtype))[0][1] or 1
     best = 0.0
-    for r0, r1 in _row_pieces(t.shape, dtypes.itemsize(t.dtype)):
-        x = _read_rows(src, a.name, r0, r1)
-        try:
-            best = max(best, absmax(x))
-        except FP4FmtError:
-            raise _nonfinite(t, x, r0) from None
+    for start, view in src.scan_pieces(a.name, rows_per_piece * k):
+        m = absmax_or_nan(view)
+        if not np.isfinite(m):
+            rows = np.array(view).reshape(-1, k)
+            raise _nonfinite(t, rows, start // k)
+        best = max(best, m)
     return best
 
 

@@ -6,6 +6,7 @@ with ``model.safetensors.index.json``), with its ``config.json``. Tensors are re
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,29 @@ class SourceCheckpoint:
         except OSError as e:
             raise FormatError(f"cannot read: {e.strerror or e}", file=t.file, tensor=name) from None
         return out
+
+    def scan_pieces(self, name: str, piece_elements: int):
+        """Yield (start, view) over the tensor's elements in C order, ``piece_elements`` at a time, as
+        read-only views of a short-lived memory map (no copy): for a pass that only reads, like amax.
+        Each piece's mapping goes away when its view is dropped."""
+        t = self.tensors[name]
+        dt = dtypes.numpy_dtype(t.dtype)
+        total = t.nbytes // dt.itemsize
+        fd = os.open(t.file, os.O_RDONLY)
+        try:
+            for start in range(0, total, piece_elements):
+                stop = min(total, start + piece_elements)
+                begin = t.offset + start * dt.itemsize
+                aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+                length = t.offset + stop * dt.itemsize - aligned
+                mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                               prot=mmap.PROT_READ, offset=aligned)
+                yield start, np.frombuffer(mm, dtype=dt, count=stop - start, offset=begin - aligned)
+                del mm  # unmapped as soon as the caller drops the view
+        except (OSError, ValueError) as e:
+            raise FormatError(f"cannot read: {e}", file=t.file, tensor=name) from None
+        finally:
+            os.close(fd)
 
     def side_files(self) -> list[Path]:
         """Small files and folders to copy beside the converted weights (tokenizer, generation config, chat
