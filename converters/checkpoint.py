@@ -228,10 +228,11 @@ def _streamable(a: planning.Action, src: SourceCheckpoint) -> bool:
 def write_shard(task: ShardTask, progress: Callable | None = None, threads: int = 1) -> dict:
     """Quantize and write one output shard; returns its per-tensor report entries.
 
-    Tensors whose blocks run along their last axis are processed in row pieces of about CHUNK_BYTES by
-    ``threads`` threads (the native quantizer, reads, writes and hashing release the GIL), each piece
-    written at its place in the file; others (FP8 sources, other axes) whole. Memory stays at a few pieces
-    per thread plus the largest tensor that cannot be split.
+    Tensors whose blocks run along their last axis are cut into row pieces of about CHUNK_BYTES, and the
+    pieces of all of them go through one pool of ``threads`` threads (the native quantizer, reads, writes
+    and hashing release the GIL), each piece written at its place in the file. Others (FP8 sources, other
+    axes) are done whole first. Memory stays at a few pieces per thread plus the largest tensor that
+    cannot be split.
     """
     src = SourceCheckpoint(task.src_path)
     fp8 = _fp8_source(src) if any(a.fp8_scale for a in task.actions) else None
@@ -247,101 +248,127 @@ def write_shard(task: ShardTask, progress: Callable | None = None, threads: int 
     entries: dict[str, dict] = {}
     meta = {"format": "pt", "fp4fmt_plan": task.plan_digest}
     with StreamingWriter(task.dst_file, plan_layout, meta) as w, ThreadPoolExecutor(max(1, threads)) as pool:
-        hashing: list = []  # checksums of finished tensors, computed while the next ones are worked on
+        pieced: list[tuple[planning.Action, int, Callable]] = []  # action, first job index, finalize(results)
+        jobs: list[tuple[Callable, tuple[int, int]]] = []
         for a in task.actions:
             t = src.tensors[a.name]
-            if a.kind == "quantize":
+            if _streamable(a, src) and not (a.kind == "keep" and (a.out_dtype != a.dtype or not t.shape or not t.nbytes)):
+                new_jobs, finalize = (_quantize_pieces(src, a, plan_layout[a.name], task, w) if a.kind == "quantize"
+                                      else _copy_pieces(src, a, w))
+                pieced.append((a, len(jobs), finalize))
+                jobs += new_jobs
+                continue
+            if a.kind == "quantize":  # whole: an FP8 source or blocks along another axis
                 td = plan_layout[a.name]
-                if _streamable(a, src):
-                    st, nbytes = _quantize_in_pieces(src, a, td, task, w, pool)
-                else:
-                    ts = task.group_scales.get(a.group) if a.group else None
-                    try:
-                        qt, st = quantize_with_error(_load(src, a, fp8), a.scheme, axis=a.axis, tensor_scale=ts,
-                                                     scale_rule=td.scale_rule, name=a.name)
-                    except FP4FmtError as e:
-                        raise type(e)(e.rule, file=t.file, tensor=a.name) from None
-                    w.add(a.name, qt)
-                    nbytes = qt.nbytes
-                    qt = None  # free before the next tensor is read
-                entries[a.name] = {
-                    "action": "quantized",
-                    "scheme": a.scheme,
-                    "shape": list(a.shape),
-                    "source_dtype": a.dtype,
-                    "axis": a.axis,
-                    "what": a.reason,
-                    "tensor_scale_group": a.group,
-                    "sqnr_db": _json_float(st.sqnr_db),
-                    "rel_rmse": st.rel_rmse,
-                    "max_abs_error": st.max_abs_error,
-                    "source_bytes": t.nbytes,
-                    "stored_bytes": nbytes,
-                    "bits_per_weight": 8.0 * nbytes / max(1, int(np.prod(a.shape, dtype=np.int64))),
-                }
+                ts = task.group_scales.get(a.group) if a.group else None
+                try:
+                    qt, st = quantize_with_error(_load(src, a, fp8), a.scheme, axis=a.axis, tensor_scale=ts,
+                                                 scale_rule=td.scale_rule, name=a.name)
+                except FP4FmtError as e:
+                    raise type(e)(e.rule, file=t.file, tensor=a.name) from None
+                w.add(a.name, qt)
+                entries[a.name] = _quantized_entry(a, t, st, qt.nbytes)
+                qt = None  # free before the next tensor is read
             else:
-                if _streamable(a, src) and a.out_dtype == a.dtype:
-                    nbytes = _copy_in_pieces(src, a, w, pool)
-                else:
-                    x = _load(src, a, fp8)
-                    value = x if a.out_dtype == a.dtype else x.astype(dtypes.numpy_dtype(a.out_dtype))
-                    w.add(a.name, value)
-                    nbytes = value.nbytes
-                    x = value = None
-                entries[a.name] = {
-                    "action": "kept",
-                    "reason": a.reason + (" (FP8 dequantized, stored as BF16)" if a.fp8_scale else ""),
-                    "shape": list(a.shape),
-                    "dtype": a.out_dtype,
-                    "linear_like": planning.is_linear_like(a),
-                    "source_bytes": t.nbytes,
-                    "stored_bytes": nbytes,
-                }
-            if a.kind == "quantize" and _streamable(a, src):
-                hashing += [pool.submit(w.finish_part, slot) for slot in td.part_names().values()]
-            elif a.kind == "keep" and _streamable(a, src) and a.out_dtype == a.dtype and t.shape and t.nbytes:
-                hashing.append(pool.submit(w.finish_part, a.name))
+                x = _load(src, a, fp8)
+                value = x if a.out_dtype == a.dtype else x.astype(dtypes.numpy_dtype(a.out_dtype))
+                w.add(a.name, value)
+                entries[a.name] = _kept_entry(a, t, value.nbytes)
+                x = value = None
             if progress:
                 progress(a.name)
-        for f in hashing:
+        # every piece of every pieced tensor through the pool; a tensor is reported when its last piece lands
+        job_owner = [i for i, (_, first, _) in enumerate(pieced)
+                     for _ in range(first, pieced[i + 1][1] if i + 1 < len(pieced) else len(jobs))]
+        left = [0] * len(pieced)
+        for i in job_owner:
+            left[i] += 1
+
+        def landed(j: int) -> None:
+            left[job_owner[j]] -= 1
+            if left[job_owner[j]] == 0 and progress:
+                progress(pieced[job_owner[j]][0].name)
+
+        results = _bounded_map(pool, lambda job: job[0](job[1]), jobs, 2 * max(1, threads), landed)
+        for i, (a, first, finalize) in enumerate(pieced):
+            end = pieced[i + 1][1] if i + 1 < len(pieced) else len(jobs)
+            entries[a.name] = finalize(results[first:end])
+        for f in [pool.submit(w.finish_part, slot) for slot in list(w.pieced_slots())]:
             f.result()
     return entries
 
 
-def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, depth: int) -> list:
-    """pool.map with at most ``depth`` items in flight (bounds memory); results in item order."""
+def _quantized_entry(a: planning.Action, t, st: ErrorStats, nbytes: int) -> dict:
+    return {
+        "action": "quantized",
+        "scheme": a.scheme,
+        "shape": list(a.shape),
+        "source_dtype": a.dtype,
+        "axis": a.axis,
+        "what": a.reason,
+        "tensor_scale_group": a.group,
+        "sqnr_db": _json_float(st.sqnr_db),
+        "rel_rmse": st.rel_rmse,
+        "max_abs_error": st.max_abs_error,
+        "source_bytes": t.nbytes,
+        "stored_bytes": nbytes,
+        "bits_per_weight": 8.0 * nbytes / max(1, int(np.prod(a.shape, dtype=np.int64))),
+    }
+
+
+def _kept_entry(a: planning.Action, t, nbytes: int) -> dict:
+    return {
+        "action": "kept",
+        "reason": a.reason + (" (FP8 dequantized, stored as BF16)" if a.fp8_scale else ""),
+        "shape": list(a.shape),
+        "dtype": a.out_dtype,
+        "linear_like": planning.is_linear_like(a),
+        "source_bytes": t.nbytes,
+        "stored_bytes": nbytes,
+    }
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, depth: int,
+                 on_done: Callable[[int], None] | None = None) -> list:
+    """pool.map with at most ``depth`` items in flight (bounds memory); results in item order;
+    ``on_done(i)`` is called in this thread as item i completes."""
     results: list = [None] * len(items)
     pending: dict = {}
+
+    def collect(done) -> None:
+        for f in done:
+            i = pending.pop(f)
+            results[i] = f.result()
+            if on_done:
+                on_done(i)
+
     for i, item in enumerate(items):
         if len(pending) >= depth:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                results[pending.pop(f)] = f.result()
+            collect(wait(pending, return_when=FIRST_COMPLETED)[0])
         pending[pool.submit(fn, item)] = i
-    for f in list(pending):
-        results[pending.pop(f)] = f.result()
+    while pending:
+        collect(wait(pending, return_when=FIRST_COMPLETED)[0])
     return results
 
 
-def _quantize_in_pieces(src, a: planning.Action, td, task: ShardTask, w: StreamingWriter, pool) -> tuple[ErrorStats, int]:
+def _quantize_pieces(src, a: planning.Action, td, task: ShardTask, w: StreamingWriter) -> tuple[list, Callable]:
+    """The row-piece jobs of one quantized tensor, and the function that turns their results into its
+    report entry. The NVFP4 tensor scale (its group's, or its own from a zero-copy amax pass) and the
+    one-value tensor_scale part are settled here, before any piece runs."""
     t = src.tensors[a.name]
     sch = schemes.SCHEMES[a.scheme]
     geo = layout.geometry(a.shape, a.axis, sch.block_size)
-    ts, whole = None, None
-    if sch.has_tensor_scale and a.group:
-        ts = task.group_scales[a.group]
-    elif sch.has_tensor_scale:  # the tensor's own scale needs its amax first: read it once, whole
-        whole = src.read(a.name).reshape(geo.rows, geo.k)
-        amax = absmax_or_nan(whole)
-        if not np.isfinite(amax):
-            raise _nonfinite(t, whole, 0)
-        ts = float(schemes.nvfp4_tensor_scale(amax))
+    ts = None
+    if sch.has_tensor_scale:
+        ts = task.group_scales[a.group] if a.group else float(schemes.nvfp4_tensor_scale(_scan_amax(src, a)))
     parts = td.part_names()
+    if "tensor_scale" in parts:
+        w.add_part(parts["tensor_scale"], np.array(ts, dtype="<f4"))
     row_codes, row_scales = geo.padded_k // 2, geo.n_blocks
 
     def piece(rng: tuple[int, int]) -> tuple[float, float, float]:
         r0, r1 = rng
-        x = whole[r0:r1] if whole is not None else _read_rows(src, a.name, r0, r1)
+        x = _read_rows(src, a.name, r0, r1)
         try:
             qt, st = quantize_with_error(x, a.scheme, tensor_scale=ts, scale_rule=td.scale_rule, name=a.name)
         except QuantizationError:
@@ -350,25 +377,21 @@ def _quantize_in_pieces(src, a: planning.Action, td, task: ShardTask, w: Streami
         w.write_part(parts["scales"], r0 * row_scales, qt.scales)
         return st.sum_sq_signal, st.sum_sq_error, st.max_abs_error
 
-    ranges = _row_pieces(a.shape, dtypes.itemsize(t.dtype))
-    sums = _bounded_map(pool, piece, ranges, 2 * pool._max_workers)
-    if "tensor_scale" in parts:
-        w.write_part(parts["tensor_scale"], 0, np.array(ts, dtype="<f4"))
-    e2 = x2 = 0.0
-    emax = 0.0
-    for sx, se, m in sums:  # in row order: the same floating-point sums however the threads ran
-        x2 += sx
-        e2 += se
-        emax = max(emax, m)
-    nbytes = geo.rows * (row_codes + row_scales) + (4 if "tensor_scale" in parts else 0)
-    return ErrorStats(geo.rows * geo.k, x2, e2, emax), nbytes
+    def finalize(sums: list) -> dict:
+        e2 = x2 = emax = 0.0
+        for sx, se, m in sums:  # in row order: the same floating-point sums however the threads ran
+            x2 += sx
+            e2 += se
+            emax = max(emax, m)
+        nbytes = geo.rows * (row_codes + row_scales) + (4 if "tensor_scale" in parts else 0)
+        return _quantized_entry(a, t, ErrorStats(geo.rows * geo.k, x2, e2, emax), nbytes)
+
+    return [(piece, rng) for rng in _row_pieces(a.shape, dtypes.itemsize(t.dtype))], finalize
 
 
-def _copy_in_pieces(src, a: planning.Action, w: StreamingWriter, pool) -> int:
+def _copy_pieces(src, a: planning.Action, w: StreamingWriter) -> tuple[list, Callable]:
+    """The row-piece jobs that copy one kept tensor unchanged, and its report entry."""
     t = src.tensors[a.name]
-    if not t.shape or t.nbytes == 0:
-        w.add(a.name, src.read(a.name))
-        return t.nbytes
     k = t.shape[-1]
     isz = dtypes.itemsize(t.dtype)
 
@@ -376,8 +399,7 @@ def _copy_in_pieces(src, a: planning.Action, w: StreamingWriter, pool) -> int:
         r0, r1 = rng
         w.write_part(a.name, r0 * k * isz, _read_rows(src, a.name, r0, r1))
 
-    _bounded_map(pool, piece, _row_pieces(t.shape, isz), 2 * pool._max_workers)
-    return t.nbytes
+    return [(piece, rng) for rng in _row_pieces(t.shape, isz)], lambda _: _kept_entry(a, t, t.nbytes)
 
 
 def _run_task(args: tuple[ShardTask, int]) -> tuple[str, dict]:

@@ -249,6 +249,15 @@ class StreamingWriter:
             pos += len(chunk)
         return f"{descriptor.CHECKSUM_ALGORITHM}:{h.hexdigest()}"
 
+    def add_part(self, slot_name: str, data) -> None:
+        """Write one whole stored tensor (a part name, or a plain tensor's name) and checksum it now."""
+        self._put(slot_name, data)
+
+    def pieced_slots(self) -> list[str]:
+        """Stored tensors written with :meth:`write_part` that are not checksummed yet."""
+        with self._lock:
+            return [n for n in self._pieces if n not in self._sums]
+
     def finish_part(self, slot_name: str) -> None:
         """Checksum a tensor written with :meth:`write_part` once all its pieces are in (thread-safe; lets the
         hashing of one tensor overlap the work on the next). ``close`` does it for any not finished."""
