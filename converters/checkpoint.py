@@ -247,14 +247,15 @@ def write_shard(task: ShardTask, progress: Callable | None = None, threads: int 
             plan_layout[a.name] = (a.out_dtype, a.shape)
     entries: dict[str, dict] = {}
     meta = {"format": "pt", "fp4fmt_plan": task.plan_digest}
-    with StreamingWriter(task.dst_file, plan_layout, meta) as w, ThreadPoolExecutor(max(1, threads)) as pool:
+    with StreamingWriter(task.dst_file, plan_layout, meta) as w, ThreadPoolExecutor(max(1, threads)) as pool, \
+            ThreadPoolExecutor(1) as scan_ahead:
         pieced: list[tuple[planning.Action, int, Callable]] = []  # action, first job index, finalize(results)
         jobs: list[tuple[Callable, tuple[int, int]]] = []
         for a in task.actions:
             t = src.tensors[a.name]
             if _streamable(a, src) and not (a.kind == "keep" and (a.out_dtype != a.dtype or not t.shape or not t.nbytes)):
-                new_jobs, finalize = (_quantize_pieces(src, a, plan_layout[a.name], task, w) if a.kind == "quantize"
-                                      else _copy_pieces(src, a, w))
+                new_jobs, finalize = (_quantize_pieces(src, a, plan_layout[a.name], task, w, scan_ahead)
+                                      if a.kind == "quantize" else _copy_pieces(src, a, w))
                 pieced.append((a, len(jobs), finalize))
                 jobs += new_jobs
                 continue
@@ -351,23 +352,26 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, depth: int
     return results
 
 
-def _quantize_pieces(src, a: planning.Action, td, task: ShardTask, w: StreamingWriter) -> tuple[list, Callable]:
+def _quantize_pieces(src, a: planning.Action, td, task: ShardTask, w: StreamingWriter,
+                     scan_ahead: ThreadPoolExecutor) -> tuple[list, Callable]:
     """The row-piece jobs of one quantized tensor, and the function that turns their results into its
-    report entry. The NVFP4 tensor scale (its group's, or its own from a zero-copy amax pass) and the
-    one-value tensor_scale part are settled here, before any piece runs."""
+    report entry. An NVFP4 tensor outside a fused group needs its own amax before its pieces can run:
+    that zero-copy pass is queued on ``scan_ahead``, which runs ahead of the pieces."""
     t = src.tensors[a.name]
     sch = schemes.SCHEMES[a.scheme]
     geo = layout.geometry(a.shape, a.axis, sch.block_size)
-    ts = None
-    if sch.has_tensor_scale:
-        ts = task.group_scales[a.group] if a.group else float(schemes.nvfp4_tensor_scale(_scan_amax(src, a)))
+    if sch.has_tensor_scale and not a.group:
+        ts_future = scan_ahead.submit(lambda: float(schemes.nvfp4_tensor_scale(_scan_amax(src, a))))
+        tensor_scale = ts_future.result
+    else:
+        fixed = task.group_scales[a.group] if sch.has_tensor_scale else None
+        tensor_scale = lambda: fixed  # noqa: E731
     parts = td.part_names()
-    if "tensor_scale" in parts:
-        w.add_part(parts["tensor_scale"], np.array(ts, dtype="<f4"))
     row_codes, row_scales = geo.padded_k // 2, geo.n_blocks
 
     def piece(rng: tuple[int, int]) -> tuple[float, float, float]:
         r0, r1 = rng
+        ts = tensor_scale()
         x = _read_rows(src, a.name, r0, r1)
         try:
             qt, st = quantize_with_error(x, a.scheme, tensor_scale=ts, scale_rule=td.scale_rule, name=a.name)
@@ -378,6 +382,8 @@ def _quantize_pieces(src, a: planning.Action, td, task: ShardTask, w: StreamingW
         return st.sum_sq_signal, st.sum_sq_error, st.max_abs_error
 
     def finalize(sums: list) -> dict:
+        if "tensor_scale" in parts:
+            w.add_part(parts["tensor_scale"], np.array(tensor_scale(), dtype="<f4"))
         e2 = x2 = emax = 0.0
         for sx, se, m in sums:  # in row order: the same floating-point sums however the threads ran
             x2 += sx
