@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import shutil
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -423,9 +423,10 @@ def _digest(obj) -> str:
 
 def _prepare_dst(src: SourceCheckpoint, dst: Path, overwrite: bool, digest: str) -> bool:
     """Make dst ready; True if it holds a resumable conversion with the same plan."""
-    s, d = src.dir.resolve(), dst.resolve()
-    if s == d or s in d.parents or d in s.parents:
-        raise FP4FmtError("the destination must not be, contain or lie inside the source directory", file=dst)
+    s, d = src.path.resolve(), dst.resolve()
+    if s == d or d in s.parents or (src.path.is_dir() and s in d.parents):
+        raise FP4FmtError("the destination must not be, contain or lie inside the source directory or file",
+                          file=dst)
     if dst.exists() and not dst.is_dir():
         raise FP4FmtError("exists and is not a directory", file=dst)
     if dst.exists() and any(dst.iterdir()):

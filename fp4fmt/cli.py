@@ -150,15 +150,14 @@ def convert(src: str, dst: str, scheme: str, scale_rule: str | None, ignore: tup
         if os.path.exists(dst) and not overwrite:
             _fail(FP4FmtError("already exists; pass --overwrite to replace it", file=dst))
         try:
-            report = convert_file(src, dst, scheme, ignore=DEFAULT_IGNORE + ignore, scale_rule=scale_rule,
-                                  progress=_progress("converting"))
+            report = convert_file(src, dst, scheme, ignore=DEFAULT_IGNORE + ignore, scale_rule=scale_rule)
         except (FP4FmtError, ValueError) as e:
             _fail(e)
         if as_json:
             click.echo(json.dumps({"scheme": report.scheme, "quantized": report.quantized, "kept": report.kept}, indent=2))
             return
         for name, r in report.quantized.items():
-            click.echo(f"  quantized  {name:<48} SQNR {r['sqnr_db']:6.2f} dB")
+            click.echo(f"  quantized  {name:<48} SQNR {r['sqnr_db'] if r['sqnr_db'] is not None else float('inf'):6.2f} dB")
         for name, why in report.kept.items():
             click.echo(f"  kept       {name:<48} {why}")
         click.echo(f"wrote {dst}: {len(report.quantized)} tensors quantized to {scheme}, {len(report.kept)} kept")

@@ -296,7 +296,6 @@ def codec_throughput(src: SourceCheckpoint, scheme: str) -> dict:
         nbytes += x.nbytes
         t_q += bench_codec.time_median(lambda: fp4fmt.quantize(x, scheme, axis=a.axis), CODEC_REPEAT)[0]
         t_qe += bench_codec.time_median(lambda: fp4fmt.quantize_with_error(x, scheme, axis=a.axis), CODEC_REPEAT)[0]
-        del x
     return {
         "tensors": [[a.name, list(a.shape)] for a in largest],
         "bytes": nbytes,
