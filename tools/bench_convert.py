@@ -168,6 +168,7 @@ def convert_once(src: Path, dst: Path, scheme: str, method: str) -> Run:
     # Start every run from the same state: no dirty pages of an earlier write (the synthetic checkpoint,
     # a previous output) still being flushed to disk while this run reads and writes.
     os.sync()
+    time.sleep(1.0)  # and let the disk go idle after the flush
     cmd = [fp4fmt_cli(), "convert", str(src), str(dst), "--scheme", scheme]
     run = _run_gnu_time(cmd) if method == "time" else _run_rusage(cmd)
     if not (dst / "fp4fmt_report.json").exists():
