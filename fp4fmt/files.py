@@ -178,14 +178,18 @@ class StreamingWriter:
         raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
         if raw.nbytes != sl.nbytes:
             raise WriteError(f"expected {sl.nbytes} bytes, got {raw.nbytes}", file=self.filename, tensor=slot_name)
-        pos = self._data_start + self._offsets[slot_name]
+        self._pwrite(slot_name, raw, 0)
+        self._sums[slot_name] = descriptor.checksum(raw)
+
+    def _pwrite(self, slot_name: str, raw: memoryview, offset: int) -> None:
+        """Write all of ``raw`` at ``offset`` within stored tensor ``slot_name``."""
+        pos = self._data_start + self._offsets[slot_name] + offset
         try:
             while raw.nbytes:
                 n = os.pwrite(self._fd, raw, pos)
                 raw, pos = raw[n:], pos + n
         except OSError as e:
             raise WriteError(f"writing failed: {e.strerror or e}", file=self.filename, tensor=slot_name) from e
-        self._sums[slot_name] = descriptor.checksum(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
 
     def add(self, name: str, value) -> None:
         """Write one tensor of the layout (a QTensor matching its descriptor, or a plain array)."""
@@ -223,16 +227,9 @@ class StreamingWriter:
         if offset < 0 or offset + raw.nbytes > sl.nbytes:
             raise WriteError(f"piece [{offset}, {offset + raw.nbytes}) outside the tensor's {sl.nbytes} bytes",
                              file=self.filename, tensor=slot_name)
-        pos = self._data_start + self._offsets[slot_name] + offset
-        n_total = raw.nbytes
-        try:
-            while raw.nbytes:
-                n = os.pwrite(self._fd, raw, pos)
-                raw, pos = raw[n:], pos + n
-        except OSError as e:
-            raise WriteError(f"writing failed: {e.strerror or e}", file=self.filename, tensor=slot_name) from e
+        self._pwrite(slot_name, raw, offset)
         with self._lock:
-            self._pieces[slot_name] = self._pieces.get(slot_name, 0) + n_total
+            self._pieces[slot_name] = self._pieces.get(slot_name, 0) + raw.nbytes
 
     def _checksum_from_file(self, slot_name: str) -> str:
         sl = self._slots[slot_name]
