@@ -220,9 +220,13 @@ def _nonfinite(t, rows: np.ndarray, r0: int) -> FP4FmtError:
                              file=t.file, tensor=t.name)
 
 
-def _streamable(a: planning.Action, src: SourceCheckpoint) -> bool:
-    """Quantized in row pieces: blocks along the last axis of a float (not FP8) source."""
-    return a.fp8_scale is None and (a.kind == "keep" or a.axis == len(a.shape) - 1)
+def _pieced(a: planning.Action, t) -> bool:
+    """Done in row pieces: a float (not FP8) source quantized along its last axis, or kept unchanged."""
+    if a.fp8_scale is not None:
+        return False
+    if a.kind == "quantize":
+        return a.axis == len(a.shape) - 1
+    return a.out_dtype == a.dtype and bool(t.shape) and t.nbytes > 0
 
 
 def write_shard(task: ShardTask, progress: Callable | None = None, threads: int = 1) -> dict:
@@ -253,7 +257,7 @@ def write_shard(task: ShardTask, progress: Callable | None = None, threads: int 
         jobs: list[tuple[Callable, tuple[int, int]]] = []
         for a in task.actions:
             t = src.tensors[a.name]
-            if _streamable(a, src) and not (a.kind == "keep" and (a.out_dtype != a.dtype or not t.shape or not t.nbytes)):
+            if _pieced(a, t):
                 new_jobs, finalize = (_quantize_pieces(src, a, plan_layout[a.name], task, w, scan_ahead)
                                       if a.kind == "quantize" else _copy_pieces(src, a, w))
                 pieced.append((a, len(jobs), finalize))

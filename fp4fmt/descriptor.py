@@ -20,7 +20,6 @@ FORMAT_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
 DESCRIPTOR_KEY = "fp4fmt"
 CHECKSUM_ALGORITHM = "sha256"
-QUANTIZERS = ("rtn",)
 
 # §3.2: the stored parts of a quantized tensor NAME are NAME + suffix.
 CODES_SUFFIX = ".codes"

@@ -19,8 +19,6 @@ from . import container, descriptor, dtypes, layout
 from .errors import ChecksumError, FormatError, WriteError
 from .qtensor import QTensor, check_scales
 
-Tensor = "QTensor | np.ndarray"
-
 
 def _plain_item(name: str, value) -> container.Item:
     arr = np.asarray(value)
