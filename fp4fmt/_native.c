@@ -205,9 +205,8 @@ typedef struct {
 static inline __attribute__((always_inline)) v8i select8(v8i m, v8i x, v8i y) { return (m & x) | (~m & y); }
 
 static inline __attribute__((always_inline)) void stats8(v8i xi, v8i code, float f, acc8 *acc) {
-    v8i m = code & 7;
-    v8f mf = __builtin_convertvector(m, v8f);
-    v8f mag = (v8f)select8(m < 4, (v8i)(mf * 0.5f), select8(m < 6, (v8i)(mf - 2.0f), (v8i)(mf * 2.0f - 8.0f)));
+    const v8f grid = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f}; /* E2M1 magnitude of codes 0..7 */
+    v8f mag = __builtin_shuffle(grid, code & 7);
     v8f y = (v8f)((v8i)(mag * f) | ((code & 8) << 28));
     v8f x = (v8f)xi, e = x - y;
     acc->e2 += e * e;

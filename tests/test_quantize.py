@@ -519,6 +519,28 @@ def test_native_equals_reference(scheme: str, rule: str, data) -> None:
     assert_same_qtensor(native, ref)
 
 
+@pytest.mark.parametrize("scheme,rule", CASES)
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_native_error_stats_match_float64_reference(scheme: str, rule: str, data) -> None:
+    """quantize_with_error's single-pass statistics (float32 lanes per row, rows added in float64) agree
+    with sums over the decoded values in float64: the largest |x - y| to float32 rounding, the sums to a
+    relative 1e-4 (plus float32 underflow of each square). Magnitudes up to 2^50, where x^2 fits float32."""
+    x, axis = data.draw(float_arrays(dtypes=("f32", "bf16", "f16"), cap=2.0**50))
+    kw = dict(axis=axis, **rule_kw(scheme, rule))
+    qt, stats = fp4fmt.quantize_with_error(x, scheme, implementation="native", **kw)
+    assert_same_qtensor(qt, fp4fmt.quantize(x, scheme, implementation="reference", **kw))
+    xd = x.astype(np.float64).reshape(-1)
+    err = xd - fp4fmt.dequantize(qt).astype(np.float64).reshape(-1)
+    assert stats.numel == x.size
+    floor = x.size * 2.0**-126
+    assert stats.sum_sq_signal == pytest.approx(float(xd @ xd), rel=1e-4, abs=floor)
+    assert stats.sum_sq_error == pytest.approx(float(err @ err), rel=1e-4, abs=floor)
+    assert stats.max_abs_error == pytest.approx(float(np.abs(err).max(initial=0.0)), rel=2.0**-23, abs=2.0**-149)
+    _, ref_stats = fp4fmt.quantize_with_error(x, scheme, implementation="reference", **kw)
+    assert ref_stats.sum_sq_error == pytest.approx(float(err @ err), rel=1e-12, abs=0.0)
+
+
 @pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
 def test_native_equals_reference_big_endian_and_strided(scheme: str) -> None:
     """Big-endian and non-contiguous inputs quantize identically through both implementations."""
