@@ -409,6 +409,37 @@ class safe_open:
             raise KeyError(f"{self.filename}: no stored tensor named {stored!r}")
         return self._view(stored)
 
+    def read_raw(self, stored: str) -> np.ndarray:
+        """A stored tensor (a part included) as a fresh, writable array read with ``pread``: unlike
+        :meth:`get_raw` it does not keep the file's pages mapped, so memory holds one copy of the data."""
+        if stored not in self.header.entries:
+            raise KeyError(f"{self.filename}: no stored tensor named {stored!r}")
+        e = self.header.entries[stored]
+        dt = dtypes.numpy_dtype(e.dtype)
+        out = np.empty(e.nbytes // dt.itemsize, dtype=dt)
+        if self._buf is None:
+            raise FormatError("the reader is closed", file=self.filename, tensor=stored)
+        if self.filename == "<bytes>":
+            start = self.header.data_start + e.begin
+            out.view(np.uint8)[:] = np.frombuffer(self._buf[start: start + e.nbytes], dtype=np.uint8)
+            return out.reshape(e.shape)
+        buf = memoryview(out.view(np.uint8))
+        try:
+            fd = os.open(self.filename, os.O_RDONLY)
+            try:
+                pos, done = self.header.data_start + e.begin, 0
+                while done < e.nbytes:
+                    n = os.preadv(fd, [buf[done:]], pos + done)
+                    if n <= 0:
+                        raise FormatError("file ended before the tensor's data (truncated?)", file=self.filename,
+                                          tensor=stored)
+                    done += n
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise FormatError(f"cannot read: {err.strerror or err}", file=self.filename, tensor=stored) from None
+        return out.reshape(e.shape)
+
     def get_tensor(self, name: str):
         """A QTensor (zero-copy views of its parts) or a read-only numpy view of a plain tensor."""
         self._check_name(name)

