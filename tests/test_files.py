@@ -388,6 +388,34 @@ def test_safe_open_reads_bytes_and_path_alike(sample_file: Path) -> None:
             assert_same_tensor(fb.get_tensor(name), fp.get_tensor(name))
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(tensors=tensor_dicts())
+def test_read_raw_is_a_private_copy_of_every_stored_tensor(tmp_path_factory: pytest.TempPathFactory,
+                                                           tensors: dict) -> None:
+    """read_raw gives the stored bytes, dtype and shape of get_raw, in fresh writable memory (from a path via
+    pread, from bytes by copying); a truncated file is reported, naming the file and tensor."""
+    path = tmp_path_factory.mktemp("raw") / "t.safetensors"
+    fp4fmt.save_file(tensors, path)
+    with fp4fmt.safe_open(path) as fp, fp4fmt.safe_open(path.read_bytes()) as fb:
+        for stored in fp.stored_keys():
+            view = fp.get_raw(stored)
+            for f in (fp, fb):
+                got = f.read_raw(stored)
+                assert got.dtype == view.dtype and got.shape == view.shape
+                assert got.tobytes() == view.tobytes()
+                assert got.flags.writeable and not np.shares_memory(got, view) and not reaches_mmap(got)
+        with pytest.raises(KeyError):
+            fp.read_raw("no such tensor")
+    entries = fp4fmt.safe_open(path).header.entries
+    stored = max(entries.items(), key=lambda kv: kv[1].begin + kv[1].nbytes) if entries else ("", None)
+    if stored[1] is not None and stored[1].nbytes:
+        with fp4fmt.safe_open(path) as f:
+            os.truncate(path, path.stat().st_size - 1)  # the header was read; the data now ends early
+            with pytest.raises(FormatError) as ei:
+                f.read_raw(stored[0])
+        assert_names(ei.value, file=path, tensor=stored[0], rule_words=("truncated",))
+
+
 # ------------------------------------------------------------------------------------------------------
 # atomic writes
 # ------------------------------------------------------------------------------------------------------
