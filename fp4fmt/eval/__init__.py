@@ -1,0 +1,1 @@
+"""Comparing a BF16 baseline model with its FP4 versions (``fp4fmt eval``)."""
