@@ -55,6 +55,22 @@ def _scale_offsets(rn, rb, ssn, SCB, SWIZZLED: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(x_ptr, c_ptr, s_ptr, rm, rn, k0, k_hi, M, N, NB, SCB, sxm, sxk, scn, ssn,
+               GROUP: tl.constexpr, SWIZZLED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step's operands: activations [BLOCK_M, BLOCK_K] (0 past k_hi), packed codes [BLOCK_N, BLOCK_K/2]
+    and scale bytes [BLOCK_N, BLOCK_K/GROUP] (0 past the row's blocks)."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
+    rc = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    c = tl.load(c_ptr + rn[:, None] * scn + rc[None, :], mask=(rn[:, None] < N) & (rc[None, :] < NB * (GROUP // 2)),
+                other=0)
+    rb = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    s = tl.load(s_ptr + _scale_offsets(rn, rb, ssn, SCB, SWIZZLED), mask=(rn[:, None] < N) & (rb[None, :] < NB),
+                other=0)
+    return x, c, s
+
+
+@triton.jit
 def _store(y_ptr, acc, b_ptr, rm, rn, M, N, sym, syn, sys, pid_s, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT == 1:
@@ -85,17 +101,11 @@ def weight_only_kernel(
     k_lo = pid_s * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
-        rc = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        c = tl.load(c_ptr + rn[:, None] * scn + rc[None, :],
-                    mask=(rn[:, None] < N) & (rc[None, :] < NB * (GROUP // 2)), other=0).to(tl.uint32)
+        x, c, s = _load_tile(x_ptr, c_ptr, s_ptr, rm, rn, k0, k_hi, M, N, NB, SCB, sxm, sxk, scn, ssn,
+                             GROUP, SWIZZLED, BLOCK_K)
+        c = c.to(tl.uint32)
         w = tl.interleave(_e2m1_to_f32(c & 15), _e2m1_to_f32(c >> 4))  # [BLOCK_N, BLOCK_K], element 2i low
-        rb = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-        s = tl.load(s_ptr + _scale_offsets(rn, rb, ssn, SCB, SWIZZLED),
-                    mask=(rn[:, None] < N) & (rb[None, :] < NB), other=0).to(tl.int32)
-        f = _scale_to_f32(s, NV)
+        f = _scale_to_f32(s.to(tl.int32), NV)
         if NV:
             f = f * ts
         w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * f[:, :, None], (BLOCK_N, BLOCK_K))
@@ -124,15 +134,8 @@ def dot_scaled_kernel(
     k_lo = pid_s * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
-        rc = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        c = tl.load(c_ptr + rn[:, None] * scn + rc[None, :],
-                    mask=(rn[:, None] < N) & (rc[None, :] < NB * (GROUP // 2)), other=0)
-        rb = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-        s = tl.load(s_ptr + _scale_offsets(rn, rb, ssn, SCB, SWIZZLED),
-                    mask=(rn[:, None] < N) & (rb[None, :] < NB), other=0)
+        x, c, s = _load_tile(x_ptr, c_ptr, s_ptr, rm, rn, k0, k_hi, M, N, NB, SCB, sxm, sxk, scn, ssn,
+                             GROUP, SWIZZLED, BLOCK_K)
         if NV:
             s = s.to(tl.float8e4nv, bitcast=True)
         acc = tl.dot_scaled(x, None, X_FORMAT, tl.trans(c), s, "e2m1", acc)

@@ -190,3 +190,17 @@ def test_model_card_carries_the_eval_table(run: dict) -> None:
         assert f"{v['fidelity']['perplexity']:.3f}" in row
         assert f"{v['speed']['decode_tokens_per_s']:.1f}" in row
     assert "![layer_sqnr](eval/layer_sqnr.png)" in card
+
+
+def test_push_command_dry_run_and_refusal(run: dict, smollm2_dir: Path) -> None:
+    """`fp4fmt push --dry-run` lists the checkpoint, card and eval files without a token or network;
+    a directory that is not an fp4fmt checkpoint is refused with exit status 2."""
+    res = CliRunner().invoke(main, ["push", str(run["base"] / "mxfp4"), "me/smol-mxfp4", "--dry-run", "--eval",
+                                    str(run["paths"]["json"]), "--json"], env={"HF_TOKEN": ""})
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    files = {f for f, _ in out["files"]}
+    assert {"README.md", "config.json", "model.safetensors", "eval/eval.json", "eval/layer_sqnr.png"} <= files
+    assert out["url"] is None and out["repo_id"] == "me/smol-mxfp4"
+    res = CliRunner().invoke(main, ["push", str(smollm2_dir), "me/x", "--dry-run"])
+    assert res.exit_code == 2 and "quant" in res.output
