@@ -34,6 +34,16 @@ def main() -> None:
 
     assert "site-packages" in fp4fmt.__file__, f"imported from the source tree: {fp4fmt.__file__}"
     assert qtensor._native is not None, "the C accelerator was not built into the wheel"
+    # the eval package data (bundled corpus, GSM8K slice, result schema) is in the wheel
+    import json
+    from importlib import resources
+
+    from fp4fmt.eval import probes
+
+    assert [p.level for p in probes.make_probes(per_level=2)] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert json.loads(resources.files("fp4fmt.eval").joinpath("eval.schema.json").read_text())["title"]
+    assert len(resources.files("fp4fmt.eval").joinpath("data", "tinyshakespeare_60k.txt").read_text()) == 60000
+    import fp4fmt.converters.interop.common  # noqa: F401
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 96)).astype(np.float32)
