@@ -91,6 +91,9 @@ class OutputDir:
             raise FP4FmtError("exists and is not empty; pass --overwrite to replace it", file=self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".fp4fmt-tmp", dir=self.path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the usual permissions
 
     def file(self, name: str) -> Path:
         """Where to write ``name`` (a relative path) inside the output."""
