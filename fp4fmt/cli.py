@@ -40,7 +40,7 @@ def _fail(e: Exception) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fp4fmt")
 def main() -> None:
-    """fp4fmt: microscaled FP4 (NVFP4, MXFP4) checkpoints: inspect, verify, convert, eval, push."""
+    """fp4fmt: microscaled FP4 (NVFP4, MXFP4) checkpoints: inspect, verify, convert, export, eval, push."""
 
 
 @main.command()
@@ -135,9 +135,15 @@ def _parse_size(text: str) -> int:
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB).")
 @click.option("--no-fused-scales", is_flag=True, help="Do not share one NVFP4 tensor scale across q/k/v and gate/up.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
+@click.option("--from", "from_format", type=click.Choice(["auto", "none", "compressed-tensors", "modelopt", "gpt-oss"]),
+              default="auto", show_default=True,
+              help="SRC is an FP4 checkpoint of this format: import it without requantizing (auto: detect from "
+                   "config.json; none: always quantize).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
-def convert(src: str, dst: str, scheme: str, scale_rule: str | None, ignore: tuple[str, ...], overrides_file: str | None,
-            workers: int, max_shard_size: str, no_fused_scales: bool, overwrite: bool, as_json: bool) -> None:
+@click.pass_context
+def convert(ctx: click.Context, src: str, dst: str, scheme: str, scale_rule: str | None, ignore: tuple[str, ...],
+            overrides_file: str | None, workers: int, max_shard_size: str, no_fused_scales: bool, overwrite: bool,
+            from_format: str, as_json: bool) -> None:
     """Quantize the linear layers of checkpoint SRC (a Hugging Face directory or a .safetensors file).
 
     DST is a directory (an fp4fmt checkpoint: shards, index, config.json, tokenizer, fp4fmt_report.json).
@@ -145,6 +151,27 @@ def convert(src: str, dst: str, scheme: str, scale_rule: str | None, ignore: tup
     same command again after an interruption resumes it.
     """
     from .converters import DEFAULT_IGNORE, Options, convert_checkpoint, convert_file, load_overrides
+
+    if os.path.isdir(src) and from_format != "none":
+        from .converters import interop
+
+        try:
+            fmt = interop.detect_format(src) if from_format == "auto" else from_format
+            if fmt is not None:
+                if ctx.get_parameter_source("scheme") == click.core.ParameterSource.COMMANDLINE:
+                    click.echo(f"note: SRC is a {fmt} checkpoint: it is imported as it is, --scheme is not used",
+                               err=True)
+                with click.progressbar(length=1, label="importing", file=sys.stderr, show_pos=True) as bar:
+                    def progress(stage: str, done: int, total: int) -> None:
+                        bar.label, bar.length = stage, max(total, 1)
+                        bar.update(done - bar.pos)
+
+                    report = interop.import_checkpoint(src, dst, fmt, overwrite=overwrite, progress=progress)
+        except FP4FmtError as e:
+            _fail(e)
+        if fmt is not None:
+            _echo_report(report, as_json, f"imported {src} ({fmt}) into {dst} without requantizing")
+            return
 
     if os.path.isfile(src) and dst.endswith(".safetensors"):
         if os.path.exists(dst) and not overwrite:
@@ -200,6 +227,44 @@ def convert(src: str, dst: str, scheme: str, scale_rule: str | None, ignore: tup
         )
     for w in result.warnings:
         click.secho(f"WARNING: {w}", fg="red", bold=True, err=True)
+
+
+def _echo_report(report, as_json: bool, line: str) -> None:
+    """Print an interop report object (a dataclass or dict) as JSON, or one summary line."""
+    import dataclasses
+
+    if as_json:
+        obj = report.as_dict() if hasattr(report, "as_dict") else (
+            dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report)
+        click.echo(json.dumps(obj, indent=2, default=str))
+    else:
+        click.echo(line)
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path())
+@click.option("--to", "to", required=True,
+              type=click.Choice(["compressed-tensors", "modelopt", "gpt-oss", "gguf", "onnx"]),
+              help="Target format (spec §8).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
+def export(src: str, dst: str, to: str, overwrite: bool, as_json: bool) -> None:
+    """Write the fp4fmt checkpoint SRC in another FP4 format that runtimes load: compressed-tensors (vLLM,
+    SGLang, transformers), modelopt (TensorRT-LLM, vLLM), gpt-oss MXFP4, GGUF (llama.cpp) or ONNX. Codes and
+    scales move without requantizing; where a convention differs the conversion is exact in value."""
+    from .converters import interop
+
+    try:
+        with click.progressbar(length=1, label="exporting", file=sys.stderr, show_pos=True) as bar:
+            def progress(stage: str, done: int, total: int) -> None:
+                bar.label, bar.length = stage, max(total, 1)
+                bar.update(done - bar.pos)
+
+            report = interop.export_checkpoint(src, dst, to, overwrite=overwrite, progress=progress)
+    except FP4FmtError as e:
+        _fail(e)
+    _echo_report(report, as_json, f"wrote {dst} ({to})")
 
 
 @main.command(name="eval")

@@ -745,6 +745,9 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, overwri
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".fp4fmt-tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the output gets the usual permissions
     try:
         _write(gguf, tmp, kvs, items, hp, progress)
         os.replace(tmp, out)
