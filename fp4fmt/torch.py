@@ -29,7 +29,10 @@ from .errors import FormatError, FP4FmtError
 from .files import safe_open
 from .qtensor import QTensor
 
-KERNEL_PATHS = ("weight_only", "dot_scaled")  # fp4fmt.kernels paths a layer can be pinned to
+KERNEL_PATHS = ("weight_only", "dot_scaled")
+# per-layer activation and KV-cache scales that imported checkpoints (e.g. modelopt W4A4) carry; the weights-only
+# runtime here does not quantize activations, so from_pretrained skips them
+ACTIVATION_SCALES = ("input_scale", "output_scale", "k_scale", "v_scale")  # fp4fmt.kernels paths a layer can be pinned to
 
 __all__ = ["FP4Linear", "from_pretrained", "from_torch", "to_torch", "dequantize", "numpy_to_torch"]
 
@@ -378,6 +381,8 @@ def from_pretrained(
                     t = numpy_to_torch(f.read_raw(name))
                     t = t.to(dtype) if t.is_floating_point() else t
                 if name not in names:
+                    if name.rsplit(".", 1)[-1] in ACTIVATION_SCALES:
+                        continue  # activation / KV-cache quantization of another runtime: unused here
                     raise FP4FmtError("tensor has no parameter in the model", file=shard, tensor=name)
                 _set_param(model, name, t.to(device))
                 loaded.add(name)
