@@ -244,3 +244,16 @@ def test_from_pretrained_errors(smollm2_dir: Path, converted: dict, tmp_path: Pa
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FP4FmtError, match="model.layers.29.*no parameter in the model|no parameter.*layers.29"):
         ft.from_pretrained(broken)
+
+
+def test_from_pretrained_skips_activation_scales_only(converted: dict, tmp_path: Path) -> None:
+    """Activation / KV-cache scales (as modelopt W4A4 imports carry) are skipped; any other stray tensor is an error."""
+    d = tmp_path / "with-scales"
+    shutil.copytree(converted["nvfp4"], d)
+    fp4fmt.save_file({"model.layers.0.self_attn.q_proj.input_scale": np.ones((), np.float32),
+                      "model.layers.0.self_attn.k_scale": np.ones((), np.float32)}, d / "extra.safetensors")
+    model = ft.from_pretrained(d)
+    assert sum(isinstance(m, ft.FP4Linear) for m in model.modules()) == 210
+    fp4fmt.save_file({"model.layers.0.self_attn.q_proj.smooth": np.ones(576, np.float32)}, d / "extra.safetensors")
+    with pytest.raises(FP4FmtError, match="q_proj.smooth.*no parameter in the model|no parameter in the model"):
+        ft.from_pretrained(d)
