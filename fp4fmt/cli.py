@@ -239,6 +239,10 @@ def _echo_report(report, as_json: bool, line: str) -> None:
         click.echo(json.dumps(obj, indent=2, default=str))
     else:
         click.echo(line)
+        for note in getattr(report, "notes", ()) or ():
+            click.echo(f"  note: {note}")
+    for w in getattr(report, "warnings", ()) or ():
+        click.secho(f"WARNING: {w}", fg="red", bold=True, err=True)
 
 
 @main.command()
