@@ -42,6 +42,29 @@ class Options:
     overrides: tuple[planning.Override, ...] = ()
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     share_fused_scales: bool = True
+    tensor_scale: str = "amax"  # NVFP4: "amax" (spec §5.1) or "compressed-tensors" (see tensor_scale_of)
+
+    def __post_init__(self) -> None:
+        if self.tensor_scale not in TENSOR_SCALE_QUANTIZER:
+            raise FP4FmtError(f"tensor_scale must be one of {sorted(TENSOR_SCALE_QUANTIZER)}, not {self.tensor_scale!r}")
+
+
+# the descriptor's ``quantizer`` for each tensor-scale choice: "rtn" is spec §5 exactly; the other is §5 with
+# the tensor scale moved up to the nearest float32 that compressed-tensors' divisor form represents exactly
+TENSOR_SCALE_QUANTIZER = {"amax": "rtn", "compressed-tensors": "rtn-ct-scale"}
+
+
+def tensor_scale_of(amax: float, opts: Options) -> float:
+    """The NVFP4 tensor scale a conversion writes for ``amax``: fl32(amax / 2688) (§5.1), or with
+    ``tensor_scale="compressed-tensors"`` the smallest float32 at or above it whose compressed-tensors global
+    scale decompresses every (scale, code) pair bit-identically (``interop.compressed_tensors.exact_tensor_scale``;
+    typically a few ulps up)."""
+    s2 = schemes.nvfp4_tensor_scale(amax)
+    if opts.tensor_scale == "compressed-tensors":
+        from .interop.compressed_tensors import exact_tensor_scale
+
+        s2 = exact_tensor_scale(s2)
+    return float(s2)
 
 
 @dataclass
@@ -140,8 +163,9 @@ def _load(src: SourceCheckpoint, a: planning.Action, fp8=None) -> np.ndarray:
     return x
 
 
-def group_tensor_scales(src: SourceCheckpoint, actions: list[planning.Action], progress: Callable | None = None) -> dict[str, float]:
-    """The shared NVFP4 tensor scale of each fused group: amax over all its members / 2688."""
+def group_tensor_scales(src: SourceCheckpoint, actions: list[planning.Action], progress: Callable | None = None,
+                        opts: Options = Options()) -> dict[str, float]:
+    """The shared NVFP4 tensor scale of each fused group: of the amax over all its members (tensor_scale_of)."""
     fp8 = _fp8_source(src) if any(a.fp8_scale for a in actions) else None
     amax: dict[str, float] = {}
     members = [a for a in actions if a.kind == "quantize" and a.group]
@@ -156,7 +180,7 @@ def group_tensor_scales(src: SourceCheckpoint, actions: list[planning.Action], p
         amax[a.group] = max(amax.get(a.group, 0.0), m)
         if progress:
             progress(a.name)
-    return {g: float(schemes.nvfp4_tensor_scale(v)) for g, v in sorted(amax.items())}
+    return {g: tensor_scale_of(v, opts) for g, v in sorted(amax.items())}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,7 +270,9 @@ def write_shard(task: ShardTask, progress: Callable | None = None, threads: int 
             s = schemes.SCHEMES[a.scheme]
             rule = task.opts.scale_rule if (task.opts.scale_rule and a.scheme == "mxfp4") else s.default_rule
             dt = a.dtype if a.fp8_scale is None else "F32"
-            plan_layout[a.name] = descriptor.TensorDescriptor(a.name, a.scheme, a.shape, dt, a.axis, "linear", rule)
+            quantizer = TENSOR_SCALE_QUANTIZER[task.opts.tensor_scale] if s.has_tensor_scale else "rtn"
+            plan_layout[a.name] = descriptor.TensorDescriptor(a.name, a.scheme, a.shape, dt, a.axis, "linear", rule,
+                                                              quantizer)
         else:
             plan_layout[a.name] = (a.out_dtype, a.shape)
     entries: dict[str, dict] = {}
@@ -267,8 +293,12 @@ def write_shard(task: ShardTask, progress: Callable | None = None, threads: int 
                 td = plan_layout[a.name]
                 ts = task.group_scales.get(a.group) if a.group else None
                 try:
-                    qt, st = quantize_with_error(_load(src, a, fp8), a.scheme, axis=a.axis, tensor_scale=ts,
+                    x = _load(src, a, fp8)
+                    if ts is None and schemes.SCHEMES[a.scheme].has_tensor_scale and task.opts.tensor_scale != "amax":
+                        ts = tensor_scale_of(absmax(x, name=a.name), task.opts)
+                    qt, st = quantize_with_error(x, a.scheme, axis=a.axis, tensor_scale=ts,
                                                  scale_rule=td.scale_rule, name=a.name)
+                    x = None
                 except FP4FmtError as e:
                     raise type(e)(e.rule, file=t.file, tensor=a.name) from None
                 w.add(a.name, qt)
@@ -365,7 +395,7 @@ def _quantize_pieces(src, a: planning.Action, td, task: ShardTask, w: StreamingW
     sch = schemes.SCHEMES[a.scheme]
     geo = layout.geometry(a.shape, a.axis, sch.block_size)
     if sch.has_tensor_scale and not a.group:
-        ts_future = scan_ahead.submit(lambda: float(schemes.nvfp4_tensor_scale(_scan_amax(src, a))))
+        ts_future = scan_ahead.submit(lambda: tensor_scale_of(_scan_amax(src, a), task.opts))
         tensor_scale = ts_future.result
     else:
         fixed = task.group_scales[a.group] if sch.has_tensor_scale else None
@@ -511,7 +541,7 @@ def convert_checkpoint(
                 progress(stage, done["n"], count)
         return f
 
-    group_scales = group_tensor_scales(src, actions, tick("scanning fused groups", len(grouped)))
+    group_scales = group_tensor_scales(src, actions, tick("scanning fused groups", len(grouped)), opts)
     done["n"] = 0
     result = Result(dst, {})
     tasks = []
@@ -581,6 +611,8 @@ def _config_with_quantization(config: dict, opts: Options, actions: list[plannin
         "ignore": kept,
         "producer": {"name": "fp4fmt", "version": __version__},
     }
+    if opts.tensor_scale != "amax" and opts.scheme == "nvfp4":
+        cfg["quantization_config"]["tensor_scale"] = opts.tensor_scale
     return cfg
 
 

@@ -134,6 +134,9 @@ def _parse_size(text: str) -> int:
               help="Parallel worker processes (one shard each).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB).")
 @click.option("--no-fused-scales", is_flag=True, help="Do not share one NVFP4 tensor scale across q/k/v and gate/up.")
+@click.option("--tensor-scale", type=click.Choice(["amax", "compressed-tensors"]), default="amax", show_default=True,
+              help="NVFP4 tensor scale: amax/2688 (spec §5.1), or moved up a few ulps to a value compressed-tensors "
+                   "represents exactly, so that `export --to compressed-tensors` decompresses bit-identically.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
 @click.option("--from", "from_format", type=click.Choice(["auto", "none", "compressed-tensors", "modelopt", "gpt-oss"]),
               default="auto", show_default=True,
@@ -142,8 +145,8 @@ def _parse_size(text: str) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 @click.pass_context
 def convert(ctx: click.Context, src: str, dst: str, scheme: str, scale_rule: str | None, ignore: tuple[str, ...],
-            overrides_file: str | None, workers: int, max_shard_size: str, no_fused_scales: bool, overwrite: bool,
-            from_format: str, as_json: bool) -> None:
+            overrides_file: str | None, workers: int, max_shard_size: str, no_fused_scales: bool, tensor_scale: str,
+            overwrite: bool, from_format: str, as_json: bool) -> None:
     """Quantize the linear layers of checkpoint SRC (a Hugging Face directory or a .safetensors file).
 
     DST is a directory (an fp4fmt checkpoint: shards, index, config.json, tokenizer, fp4fmt_report.json).
@@ -198,6 +201,7 @@ def convert(ctx: click.Context, src: str, dst: str, scheme: str, scale_rule: str
             overrides=tuple(load_overrides(overrides_file)) if overrides_file else (),
             max_shard_bytes=_parse_size(max_shard_size),
             share_fused_scales=not no_fused_scales,
+            tensor_scale=tensor_scale,
         )
         with click.progressbar(length=1, label="converting", file=sys.stderr, show_eta=True, show_pos=True) as bar:
             def progress(stage: str, done: int, total: int) -> None:

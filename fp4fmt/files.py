@@ -6,6 +6,8 @@ they are). Reading validates the container and the descriptor before any tensor 
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import mmap
 import os
@@ -195,7 +197,9 @@ class StreamingWriter:
         if spec is None:
             raise WriteError("not in the layout given to the writer", file=self.filename, tensor=name)
         if isinstance(spec, descriptor.TensorDescriptor):
-            if not isinstance(value, QTensor) or _descriptor_of(name, value) != spec:
+            # a QTensor does not carry the quantizer's name: the writer's plan records it
+            if not isinstance(value, QTensor) or dataclasses.replace(_descriptor_of(name, value),
+                                                                      quantizer=spec.quantizer) != spec:
                 raise WriteError("value does not match its planned quantized descriptor", file=self.filename, tensor=name)
             parts = spec.part_names()
             self._put(parts["codes"], value.codes)

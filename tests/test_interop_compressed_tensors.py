@@ -363,6 +363,32 @@ def test_decompressor_gives_fp4fmt_values(scheme, converted, exported):
                 assert not np.array_equal(theirs, bf16_bits(fp4fmt.dequantize(src[name]))), name
 
 
+def test_compressed_tensors_tensor_scales_make_every_tensor_exact(smollm2_dir, converted, work):
+    """`convert --tensor-scale compressed-tensors` moves each NVFP4 tensor scale up to the nearest float32 whose
+    global scale compressed-tensors represents exactly: then compressed-tensors' decompressor gives
+    bf16(fp4fmt.dequantize) for all 210 tensors (and float32-exact factors), the global scale inverts to
+    the tensor scale (as vLLM reads it), the descriptor records the quantizer, and the change is a few ulps."""
+    dst = work / "nvfp4-ctscale"
+    convert_checkpoint(smollm2_dir, dst, Options(scheme="nvfp4", tensor_scale="compressed-tensors"))
+    report = ctx.export_checkpoint(dst, work / "nvfp4-ctscale-ct")
+    assert report.warnings == () and report.count("f32_exact") == 210 and report.count("round_trip") == 210
+    state = ct_state(work / "nvfp4-ctscale-ct")
+    plain = fp4_tensors(converted["nvfp4"])
+    moved = 0
+    with fp4fmt.safe_open(dst / "model.safetensors") as f:
+        for name, td in f.descriptor.tensors.items():
+            assert td.quantizer == "rtn-ct-scale"
+            qt = f.get_tensor(name)
+            theirs = ct_decompress(state, name[: -len(".weight")], "nvfp4").view(torch.uint16).numpy()
+            assert np.array_equal(theirs, bf16_bits(fp4fmt.dequantize(qt))), name
+            s2, base = F32(qt.tensor_scale), F32(plain[name].tensor_scale)
+            ulps = int(np.array([s2]).view(np.int32)[0]) - int(np.array([base]).view(np.int32)[0])
+            assert 0 <= ulps <= ctx.EXACT_SCALE_SEARCH_ULPS
+            moved += ulps > 0
+    assert 0 < moved < 210
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["tensor_scale"] == "compressed-tensors"
+
+
 # ------------------------------------------------------------------------------------------------------
 # 3. transformers loads the export on CPU and generates what fp4fmt's runtime generates
 
@@ -786,3 +812,13 @@ def test_detect(tmp_path, exported, converted):
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
         "quant_method": "compressed-tensors", "format": "float-quantized"}}))
     assert not ctx.detect(tmp_path)
+
+
+def test_tensor_scale_option_is_validated():
+    with pytest.raises(FP4FmtError, match="tensor_scale must be one of"):
+        Options(tensor_scale="max")
+    for s2 in (F32(7 * 2.0**-13), F32(1.0), F32(3.1e-5)):
+        t = ctx.exact_tensor_scale(s2)
+        assert t >= s2
+        m = ctx.global_scale_for(t)
+        assert m.f32_exact and m.round_trip

@@ -201,6 +201,33 @@ def round_trip_exists(s2: float) -> bool:
     return any(_recip(g) == s2 for g in _neighbours(_recip(s2), 2)[0])
 
 
+EXACT_SCALE_SEARCH_ULPS = 4096
+
+
+def exact_tensor_scale(s2: float) -> np.float32:
+    """For writers that target compressed-tensors (``fp4fmt convert --tensor-scale compressed-tensors``): the
+    smallest float32 ``t >= s2``, within 4096 ulps, for which some global scale ``gs`` gives
+    ``fl32(e / gs) == fl32(e * t)`` for every E4M3 code ``e`` and also ``fl32(1 / gs) == t`` (so the
+    decompressed weights equal fp4fmt's bit for bit, whatever the codes); failing the second condition,
+    the first alone; failing both, ``s2``. A larger tensor scale only makes block scales smaller, so no
+    block can overflow (§5.1)."""
+    s2 = _F32(s2)
+    if not _finite_positive(s2):
+        raise ValueError(f"tensor scale {float(s2)!r} is not a finite positive float32")
+    bits = int(np.array([s2], _F32).view(np.int32)[0])
+    fallback = None
+    for n in range(EXACT_SCALE_SEARCH_ULPS + 1):
+        if bits + n >= 0x7F800000:
+            break
+        t = np.array([bits + n], np.int32).view(_F32)[0]
+        m = global_scale_for(t)
+        if m.f32_exact and m.round_trip:
+            return t
+        if m.f32_exact and fallback is None:
+            fallback = t
+    return fallback if fallback is not None else s2
+
+
 def tensor_scale_for(gs: float, pairs: np.ndarray) -> ScaleMapping:
     """The fp4fmt tensor scale for a compressed-tensors global scale ``gs``: the float32 within 8 ulps of
     fl32(1/gs) whose decoding equals compressed-tensors' on ``pairs`` in float32, else in bfloat16, else
@@ -595,7 +622,9 @@ def export_checkpoint(src, dst, *, overwrite: bool = False, progress: Progress =
             bad_bf16 = [n for n, t in reports.items() if t.mapping and not t.mapping.bf16_exact]
             if bad_bf16:
                 warnings.append(f"{len(bad_bf16)} tensor(s) decompress in compressed-tensors to bfloat16 values that "
-                                f"differ from fp4fmt's in some element: {bad_bf16[:3]}")
+                                f"differ from fp4fmt's in some element: {bad_bf16[:3]} (their tensor scale has no exact "
+                                f"compressed-tensors global scale; `fp4fmt convert --tensor-scale compressed-tensors` "
+                                f"writes tensor scales that have one)")
             groups: dict[str, set[float]] = {}
             for n, t in reports.items():
                 g = fused_group(n)
