@@ -31,7 +31,8 @@ class SourceTensor:
     nbytes: int
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file holding an object; FormatError naming the file otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
@@ -40,18 +41,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise FormatError("must hold a JSON object", file=path)
     return obj
-
-
-def _header(path: Path) -> container.Header:
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            n = container.header_length(prefix, size, file=path)
-            prefix += f.read(n)
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror or e}", file=path) from None
-    return container.parse_header(prefix, size, file=path)
 
 
 class SourceCheckpoint:
@@ -68,9 +57,9 @@ class SourceCheckpoint:
         if p.is_dir():
             files = self._shard_files(p)
             if (p / "config.json").exists():
-                self.config = _read_json(p / "config.json")
+                self.config = read_json(p / "config.json")
             if (p / "hf_quant_config.json").exists():
-                self.hf_quant_config = _read_json(p / "hf_quant_config.json")
+                self.hf_quant_config = read_json(p / "hf_quant_config.json")
         else:
             if p.suffix != ".safetensors":
                 self._refuse_pickle(p)
@@ -78,7 +67,7 @@ class SourceCheckpoint:
         self.files = files
         self.tensors: dict[str, SourceTensor] = {}
         for f in files:
-            h = _header(f)
+            h = container.read_header(f)
             for e in h.entries.values():
                 if e.name in self.tensors:
                     raise FormatError(f"tensor also stored in {self.tensors[e.name].file.name}", file=f, tensor=e.name)
@@ -99,7 +88,7 @@ class SourceCheckpoint:
     def _shard_files(self, d: Path) -> list[Path]:
         index = d / INDEX_NAME
         if index.exists():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise FormatError("index has no weight_map", file=index)
             names = sorted(set(weight_map.values()))
@@ -125,7 +114,7 @@ class SourceCheckpoint:
         raise FormatError("no safetensors weights (model.safetensors or model.safetensors.index.json)", file=d)
 
     def _check_index(self, index: Path) -> None:
-        weight_map = _read_json(index)["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         for name, fname in weight_map.items():
             t = self.tensors.get(name)
             if t is None or t.file.name != fname:

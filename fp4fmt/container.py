@@ -174,6 +174,19 @@ def header_length(prefix: bytes, total_len: int, *, file=None) -> int:
     return n
 
 
+def read_header(path) -> Header:
+    """The parsed header of the safetensors file at ``path``, reading only the header's bytes."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            n = header_length(prefix, size, file=path)
+            prefix += f.read(n)
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror or e}", file=path) from None
+    return parse_header(prefix, size, file=path)
+
+
 @dataclass(frozen=True)
 class Slot:
     """A tensor's place in a file to be written: name, safetensors dtype name and shape."""

@@ -371,15 +371,7 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...]
 
 def _shard_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (header only)."""
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            prefix = fh.read(8)
-            n = container.header_length(prefix, size, file=path)
-            prefix += fh.read(n)
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror or e}", file=path) from None
-    return dict(container.parse_header(prefix, size, file=path).metadata)
+    return dict(container.read_header(path).metadata)
 
 
 def _text_config(config: dict) -> dict:

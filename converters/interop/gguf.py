@@ -88,6 +88,7 @@ import numpy as np
 from ... import __version__
 from ...descriptor import FORMAT_VERSION
 from ...errors import FP4FmtError
+from ..source import read_json
 from ...files import safe_open
 from ...qtensor import QTensor
 from .common import FP4Checkpoint, open_fp4_checkpoint
@@ -344,16 +345,6 @@ def gguf_tensor_name(hf_name: str) -> str | None:
 # --------------------------------------------------------------------------------------------- tokenizer
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FP4FmtError(f"cannot read JSON: {e}", file=path) from None
-    if not isinstance(obj, dict):
-        raise FP4FmtError("expected a JSON object", file=path)
-    return obj
-
-
 def llama_cpp_pre_tokenizer(pre_tokenizer: dict | None) -> str | None:
     """llama.cpp's ``tokenizer.ggml.pre`` for a ``tokenizers`` pre-tokenizer it is known to equal, else None."""
     if not isinstance(pre_tokenizer, dict):
@@ -389,7 +380,7 @@ def _chat_template(directory: Path, tok_config: dict) -> str | None:
     if (directory / "chat_template.jinja").is_file():
         return (directory / "chat_template.jinja").read_text(encoding="utf-8")
     if (directory / "chat_template.json").is_file():
-        value = _read_json(directory / "chat_template.json").get("chat_template")
+        value = read_json(directory / "chat_template.json").get("chat_template")
         return value if isinstance(value, str) else None
     return None
 
@@ -400,7 +391,7 @@ def gguf_tokenizer(directory: Path, config: dict, vocab_size: int, *, pre: str |
     tj_path = directory / "tokenizer.json"
     if not tj_path.is_file():
         raise FP4FmtError("no tokenizer.json: GGUF needs the tokenizer in the file", file=directory)
-    tj = _read_json(tj_path)
+    tj = read_json(tj_path)
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
         raise FP4FmtError("only byte-level BPE tokenizers are exported (tokenizer.ggml.model 'gpt2'); this one is "
@@ -442,8 +433,8 @@ def gguf_tokenizer(directory: Path, config: dict, vocab_size: int, *, pre: str |
         merges.append(f"{pair[0]} {pair[1]}")
 
     tc_path, stm_path = directory / "tokenizer_config.json", directory / "special_tokens_map.json"
-    tok_config = _read_json(tc_path) if tc_path.is_file() else {}
-    special_map = _read_json(stm_path) if stm_path.is_file() else {}
+    tok_config = read_json(tc_path) if tc_path.is_file() else {}
+    special_map = read_json(stm_path) if stm_path.is_file() else {}
     lookup = {t: i for i, t in enumerate(tokens)}
     special_ids = []
     for hf_key, gguf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),

@@ -168,26 +168,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: M
 
 def file_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (the fp4fmt descriptor left out)."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            n = container.header_length(prefix, size, file=path)
-            prefix += f.read(n)
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror or e}", file=path) from None
-    meta = container.parse_header(prefix, size, file=path).metadata
-    return {k: v for k, v in meta.items() if k != "fp4fmt"}
-
-
-def read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FP4FmtError(f"cannot read JSON: {e}", file=path) from None
-    if not isinstance(obj, dict):
-        raise FP4FmtError("must hold a JSON object", file=path)
-    return obj
+    return {k: v for k, v in container.read_header(path).metadata.items() if k != "fp4fmt"}
 
 
 def check_paths(src: Path, dst: Path) -> None:
