@@ -395,6 +395,79 @@ done:
     return NULL;
 }
 
+/* Decoding (spec §5.3): y = fl32(E2M1(code) * f), f = fl32(E4M3(scale) * tensor_scale) (NVFP4) or 2^(e-127)
+ * (MXFP4), written as float32 or rounded once to bfloat16 (round to nearest even; no NaN can occur: the
+ * caller has refused NaN scale codes). Padding elements (past k) are not written. */
+static const float E2M1_LUT[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                   -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+static inline uint16_t bf16_rne(float y) {
+    uint32_t u = f2u(y);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#define DEFINE_DEQUANT_ROW(NAME, T, STORE)                                                                  \
+    static void NAME(const uint8_t *c, const uint8_t *s, Py_ssize_t nb, Py_ssize_t block, Py_ssize_t k,       \
+                     int scheme, float ts, T *out) {                                                         \
+        for (Py_ssize_t b = 0; b < nb; b++) {                                                                \
+            const float f = scheme == SCHEME_NVFP4 ? E4M3_TABLE[s[b]] * ts : ldexpf(1.0f, (int)s[b] - 127);  \
+            const uint8_t *cb = c + b * (block / 2);                                                         \
+            T *o = out + b * block;                                                                          \
+            if ((b + 1) * block <= k) {                                                                      \
+                for (Py_ssize_t j = 0; j < block / 2; j++) {                                                 \
+                    o[2 * j] = STORE(E2M1_LUT[cb[j] & 15] * f);                                              \
+                    o[2 * j + 1] = STORE(E2M1_LUT[cb[j] >> 4] * f);                                          \
+                }                                                                                            \
+            } else {                                                                                         \
+                for (Py_ssize_t i = 0; b * block + i < k; i++)                                               \
+                    o[i] = STORE(E2M1_LUT[(cb[i / 2] >> (4 * (i & 1))) & 15] * f);                          \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+#define STORE_F32(y) (y)
+#define STORE_BF16(y) bf16_rne(y)
+DEFINE_DEQUANT_ROW(dequant_row_f32, float, STORE_F32)
+DEFINE_DEQUANT_ROW(dequant_row_bf16, uint16_t, STORE_BF16)
+
+/* dequantize(codes, scales, rows, padded_k, k, block, scheme, tensor_scale, out, bf16)
+ * codes: rows x padded_k/2 bytes; scales: rows x padded_k/block scale codes (linear layout); out: rows x k
+ * float32 (bf16 false) or bfloat16 bit patterns (bf16 true). */
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    Py_buffer codes, scales, out;
+    Py_ssize_t rows, pk, k, block;
+    int scheme, bf16 = 0;
+    double ts_d;
+    if (!PyArg_ParseTuple(args, "y*y*nnnnidw*|p", &codes, &scales, &rows, &pk, &k, &block, &scheme, &ts_d, &out,
+                          &bf16))
+        return NULL;
+    Py_ssize_t nb = block > 0 ? pk / block : 0;
+    const char *err = NULL;
+    if ((block != 16 && block != 32) || pk % block || k > pk || k < 0 || rows < 0)
+        err = "bad geometry";
+    else if (codes.len < rows * (pk / 2) || scales.len < rows * nb || out.len < rows * k * (bf16 ? 2 : 4))
+        err = "buffer too small for the given shape";
+    if (!err) {
+        const float ts = (float)ts_d;
+        const uint8_t *cp = (const uint8_t *)codes.buf, *sp = (const uint8_t *)scales.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            if (bf16)
+                dequant_row_bf16(cp + r * (pk / 2), sp + r * nb, nb, block, k, scheme, ts, (uint16_t *)out.buf + r * k);
+            else
+                dequant_row_f32(cp + r * (pk / 2), sp + r * nb, nb, block, k, scheme, ts, (float *)out.buf + r * k);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&out);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* encode_e2m1(src_f32, out_u8) and encode_e4m3(src_f32 in [0, 448], out_u8): the element primitives,
  * exposed so the tests can hold them against ml_dtypes over large sweeps of float32. */
 static PyObject *py_encode(PyObject *args, int which) {
@@ -425,6 +498,7 @@ static PyObject *py_encode_e4m3(PyObject *self, PyObject *args) { return py_enco
 static PyMethodDef methods[] = {
     {"scan", py_scan, METH_VARARGS, "scan(src, dtype) -> (amax, first non-finite index or -1)"},
     {"quantize", py_quantize, METH_VARARGS, "RTN-quantize rows of blocks into packed codes and scale codes"},
+    {"dequantize", py_dequantize, METH_VARARGS, "decode rows of packed codes and linear scale codes (spec 5.3)"},
     {"encode_e2m1", py_encode_e2m1, METH_VARARGS, "float32 -> E2M1 codes"},
     {"encode_e4m3", py_encode_e4m3, METH_VARARGS, "float32 in [0, 448] -> E4M3 codes"},
     {NULL, NULL, 0, NULL},

@@ -333,11 +333,16 @@ def check_scales(qt: QTensor, *, name: str | None = None, file=None) -> None:
         raise FormatError(f"{what}; found 0x{int(codes.reshape(-1)[bad[0]]):02X} at block {idx}", file=file, tensor=name)
 
 
-def dequantize(qt: QTensor, *, name: str | None = None, file=None) -> np.ndarray:
+def dequantize(qt: QTensor, *, name: str | None = None, file=None, implementation: str = "auto") -> np.ndarray:
     """Decode a QTensor to a float32 array of its logical shape (§5.3).
 
-    Raises FormatError if a scale is NaN or the decoded values do not fit in float32.
+    ``implementation``: "auto" (the C accelerator when built), "native" or "reference" (numpy); both give the
+    same bits. Raises FormatError if a scale is NaN or the decoded values do not fit in float32.
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise FormatError(f"implementation must be one of {IMPLEMENTATIONS}", file=file, tensor=name)
+    if implementation == "native" and _native is None:
+        raise FormatError("the native accelerator is not available", file=file, tensor=name)
     check_scales(qt, name=name, file=file)
     geo = qt.geometry
     if geo.rows == 0 or geo.k == 0:  # no element to decode (and reshape(rows, 0, -1) is ambiguous)
@@ -346,10 +351,17 @@ def dequantize(qt: QTensor, *, name: str | None = None, file=None) -> np.ndarray
     rows = geo.rows
     packed = qt.codes.reshape(rows, geo.padded_k // 2)
     scode = qt.scale_codes().reshape(rows, geo.n_blocks)
-    factors = schemes.block_factors(scode, sch, qt.tensor_scale)
-    out = schemes.dequantize_blocks(packed, factors)
-    max_factor = float(factors.max(initial=0.0))
+    # the largest factor: E4M3 and E8M0 factors grow with the (non-negative) scale code
+    max_factor = float(schemes.block_factors(scode.max(initial=0).reshape(1, 1), sch, qt.tensor_scale)[0, 0])
+    if _native is not None and implementation != "reference":
+        out = np.empty((rows, geo.k), dtype=np.float32)
+        _native.dequantize(np.ascontiguousarray(packed), np.ascontiguousarray(scode), rows, geo.padded_k, geo.k,
+                           sch.block_size, 0 if sch is schemes.NVFP4 else 1,
+                           float(qt.tensor_scale) if qt.tensor_scale is not None else 0.0, out)
+    else:
+        factors = schemes.block_factors(scode, sch, qt.tensor_scale)
+        out = schemes.dequantize_blocks(packed, factors)[:, : geo.k]
     if max_factor * codec.E2M1_MAX >= float(np.finfo(np.float32).max) and not np.isfinite(out).all():
         raise FormatError("decoded values overflow float32 (scale too large)", file=file, tensor=name)
-    out = out[:, : geo.k].reshape(geo.storage_shape)
+    out = out.reshape(geo.storage_shape)
     return np.ascontiguousarray(layout.from_storage_order(out, geo.axis))

@@ -27,7 +27,7 @@ from torch import nn
 from . import dtypes, layout, schemes
 from .errors import FormatError, FP4FmtError
 from .files import safe_open
-from .qtensor import QTensor
+from .qtensor import QTensor, _native
 
 KERNEL_PATHS = ("weight_only", "dot_scaled")
 # per-layer activation and KV-cache scales that imported checkpoints (e.g. modelopt W4A4) carry; the weights-only
@@ -119,12 +119,27 @@ def dequantize(
     tensor_scale: torch.Tensor | None,
     k: int,
     out_dtype: torch.dtype = torch.float32,
+    *,
+    implementation: str = "auto",
 ) -> torch.Tensor:
     """Decode 2-D packed weights ``codes [N, padded_k/2]`` with linear ``scales [N, n_blocks]`` into
-    ``[N, k]`` of ``out_dtype`` (float32 values are exactly those of ``fp4fmt.dequantize``)."""
+    ``[N, k]`` of ``out_dtype`` (float32 values are exactly those of ``fp4fmt.dequantize``; other dtypes are
+    those values rounded once). On CPU the C accelerator does it (float32 and bfloat16 written directly);
+    elsewhere, or with ``implementation="torch"``, torch operations do."""
     n, half = codes.shape
     nb = scales.shape[-1]
     block = (2 * half) // nb
+    if implementation not in ("auto", "torch"):
+        raise ValueError(f"implementation must be 'auto' or 'torch', got {implementation!r}")
+    if (implementation == "auto" and codes.device.type == "cpu" and _native is not None
+            and out_dtype in (torch.float32, torch.bfloat16)):
+        out = torch.empty((n, k), dtype=out_dtype)
+        nv = scales.dtype != torch.float8_e8m0fnu
+        _native.dequantize(codes.contiguous().numpy(), scales.contiguous().view(torch.uint8).numpy(), n, 2 * half, k,
+                           block, 0 if nv else 1, float(tensor_scale) if nv else 0.0,
+                           out.view(torch.uint16 if out_dtype == torch.bfloat16 else torch.float32).numpy(),
+                           out_dtype == torch.bfloat16)
+        return out
     pairs = _E2M1_PAIRS.to(codes.device)
     vals = pairs.index_select(0, codes.reshape(-1).to(torch.int32)).view(n, nb, block)
     vals.mul_(block_factors(scales, tensor_scale).view(n, nb, 1))

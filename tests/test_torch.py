@@ -84,11 +84,19 @@ def test_to_torch_is_zero_copy_and_round_trips(qt: fp4fmt.QTensor) -> None:
 @settings(max_examples=80, deadline=None)
 @given(qt=qtensors())
 def test_torch_decoding_equals_library_dequantize(qt: fp4fmt.QTensor) -> None:
+    """Both torch-side decoders (the C accelerator on CPU, torch operations elsewhere) give the numpy reference's
+    float32 bits, and bfloat16 output is those values rounded once."""
     layer = ft.FP4Linear.from_qtensor(qt, dtype=torch.float32)
+    want = fp4fmt.dequantize(qt, implementation="reference")
     got = layer.weight(torch.float32).numpy()
-    want = fp4fmt.dequantize(qt)
     assert got.dtype == np.float32 and got.shape == want.shape
     assert got.view(np.uint32).tobytes() == want.view(np.uint32).tobytes()  # bit for bit, signed zeros too
+    scales, ts = layer.linear_scales(), layer.tensor_scale
+    by_torch = ft.dequantize(layer.codes, scales, ts, layer.in_features, implementation="torch").numpy()
+    assert by_torch.view(np.uint32).tobytes() == want.view(np.uint32).tobytes()
+    for impl in ("auto", "torch"):
+        b16 = ft.dequantize(layer.codes, scales, ts, layer.in_features, torch.bfloat16, implementation=impl)
+        assert torch.equal(b16.view(torch.int16), torch.from_numpy(want).to(torch.bfloat16).view(torch.int16))
 
 
 def test_every_code_decodes_to_the_e2m1_table() -> None:
