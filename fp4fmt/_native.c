@@ -8,6 +8,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -406,17 +407,21 @@ static inline uint16_t bf16_rne(float y) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* E2M1_PAIRS[b] = the values of byte b's two codes, element 2i (low nibble) first: one load per byte. */
+static float E2M1_PAIRS[256][2];
+
 #define DEFINE_DEQUANT_ROW(NAME, T, STORE)                                                                  \
-    static void NAME(const uint8_t *c, const uint8_t *s, Py_ssize_t nb, Py_ssize_t block, Py_ssize_t k,       \
-                     int scheme, float ts, T *out) {                                                         \
+    FP4_CLONES static void NAME(const uint8_t *c, const uint8_t *s, Py_ssize_t nb, Py_ssize_t block,          \
+                                Py_ssize_t k, int scheme, float ts, T *out) {                                \
         for (Py_ssize_t b = 0; b < nb; b++) {                                                                \
             const float f = scheme == SCHEME_NVFP4 ? E4M3_TABLE[s[b]] * ts : ldexpf(1.0f, (int)s[b] - 127);  \
             const uint8_t *cb = c + b * (block / 2);                                                         \
             T *o = out + b * block;                                                                          \
             if ((b + 1) * block <= k) {                                                                      \
                 for (Py_ssize_t j = 0; j < block / 2; j++) {                                                 \
-                    o[2 * j] = STORE(E2M1_LUT[cb[j] & 15] * f);                                              \
-                    o[2 * j + 1] = STORE(E2M1_LUT[cb[j] >> 4] * f);                                          \
+                    const float *v = E2M1_PAIRS[cb[j]];                                                      \
+                    o[2 * j] = STORE(v[0] * f);                                                              \
+                    o[2 * j + 1] = STORE(v[1] * f);                                                          \
                 }                                                                                            \
             } else {                                                                                         \
                 for (Py_ssize_t i = 0; b * block + i < k; i++)                                               \
@@ -425,20 +430,64 @@ static inline uint16_t bf16_rne(float y) {
         }                                                                                                    \
     }
 #define STORE_F32(y) (y)
-#define STORE_BF16(y) bf16_rne(y)
 DEFINE_DEQUANT_ROW(dequant_row_f32, float, STORE_F32)
-DEFINE_DEQUANT_ROW(dequant_row_bf16, uint16_t, STORE_BF16)
+/* bfloat16 output: the block's 16 possible values are rounded once into a table, then each element is a lookup
+ * (the same bits as rounding every product: the product depends only on the code). */
+FP4_CLONES static void dequant_row_bf16(const uint8_t *c, const uint8_t *s, Py_ssize_t nb, Py_ssize_t block,
+                                        Py_ssize_t k, int scheme, float ts, uint16_t *out) {
+    uint16_t t[16];
+    for (Py_ssize_t b = 0; b < nb; b++) {
+        const float f = scheme == SCHEME_NVFP4 ? E4M3_TABLE[s[b]] * ts : ldexpf(1.0f, (int)s[b] - 127);
+        for (int i = 0; i < 16; i++) t[i] = bf16_rne(E2M1_LUT[i] * f);
+        const uint8_t *cb = c + b * (block / 2);
+        uint16_t *o = out + b * block;
+        Py_ssize_t n = (b + 1) * block <= k ? block : k - b * block;
+        if (n == block) {
+            for (Py_ssize_t j = 0; j < block / 2; j++) {
+                o[2 * j] = t[cb[j] & 15];
+                o[2 * j + 1] = t[cb[j] >> 4];
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < n; i++) o[i] = t[(cb[i / 2] >> (4 * (i & 1))) & 15];
+        }
+    }
+}
 
-/* dequantize(codes, scales, rows, padded_k, k, block, scheme, tensor_scale, out, bf16)
+/* A range of rows to decode; several run on their own threads (rows are independent). */
+typedef struct {
+    const uint8_t *cp, *sp;
+    void *out;
+    Py_ssize_t r0, r1, pk, nb, block, k;
+    int scheme, bf16;
+    float ts;
+} dequant_job;
+
+static void *dequant_rows(void *arg) {
+    const dequant_job *j = (const dequant_job *)arg;
+    for (Py_ssize_t r = j->r0; r < j->r1; r++) {
+        const uint8_t *c = j->cp + r * (j->pk / 2), *s = j->sp + r * j->nb;
+        if (j->bf16)
+            dequant_row_bf16(c, s, j->nb, j->block, j->k, j->scheme, j->ts, (uint16_t *)j->out + r * j->k);
+        else
+            dequant_row_f32(c, s, j->nb, j->block, j->k, j->scheme, j->ts, (float *)j->out + r * j->k);
+    }
+    return NULL;
+}
+
+#define DEQUANT_MAX_THREADS 64
+#define DEQUANT_MIN_PER_THREAD (1 << 18) /* elements: below this a thread costs more than it saves */
+
+/* dequantize(codes, scales, rows, padded_k, k, block, scheme, tensor_scale, out, bf16=False, threads=1)
  * codes: rows x padded_k/2 bytes; scales: rows x padded_k/block scale codes (linear layout); out: rows x k
- * float32 (bf16 false) or bfloat16 bit patterns (bf16 true). */
+ * float32 (bf16 false) or bfloat16 bit patterns (bf16 true). Rows are split over up to `threads` threads;
+ * the result does not depend on the split. */
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     Py_buffer codes, scales, out;
     Py_ssize_t rows, pk, k, block;
-    int scheme, bf16 = 0;
+    int scheme, bf16 = 0, threads = 1;
     double ts_d;
-    if (!PyArg_ParseTuple(args, "y*y*nnnnidw*|p", &codes, &scales, &rows, &pk, &k, &block, &scheme, &ts_d, &out,
-                          &bf16))
+    if (!PyArg_ParseTuple(args, "y*y*nnnnidw*|pi", &codes, &scales, &rows, &pk, &k, &block, &scheme, &ts_d, &out,
+                          &bf16, &threads))
         return NULL;
     Py_ssize_t nb = block > 0 ? pk / block : 0;
     const char *err = NULL;
@@ -447,14 +496,26 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     else if (codes.len < rows * (pk / 2) || scales.len < rows * nb || out.len < rows * k * (bf16 ? 2 : 4))
         err = "buffer too small for the given shape";
     if (!err) {
-        const float ts = (float)ts_d;
-        const uint8_t *cp = (const uint8_t *)codes.buf, *sp = (const uint8_t *)scales.buf;
+        Py_ssize_t n = threads < 1 ? 1 : threads > DEQUANT_MAX_THREADS ? DEQUANT_MAX_THREADS : threads;
+        Py_ssize_t by_size = (rows * k) / DEQUANT_MIN_PER_THREAD;
+        if (n > by_size) n = by_size < 1 ? 1 : by_size;
+        if (n > rows) n = rows < 1 ? 1 : rows;
+        dequant_job jobs[DEQUANT_MAX_THREADS];
+        pthread_t tids[DEQUANT_MAX_THREADS];
+        int started[DEQUANT_MAX_THREADS] = {0};
+        for (Py_ssize_t t = 0; t < n; t++) {
+            dequant_job j = {(const uint8_t *)codes.buf, (const uint8_t *)scales.buf, out.buf, rows * t / n,
+                             rows * (t + 1) / n, pk, nb, block, k, scheme, bf16, (float)ts_d};
+            jobs[t] = j;
+        }
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            if (bf16)
-                dequant_row_bf16(cp + r * (pk / 2), sp + r * nb, nb, block, k, scheme, ts, (uint16_t *)out.buf + r * k);
+        for (Py_ssize_t t = 1; t < n; t++) started[t] = pthread_create(&tids[t], NULL, dequant_rows, &jobs[t]) == 0;
+        dequant_rows(&jobs[0]);
+        for (Py_ssize_t t = 1; t < n; t++) {
+            if (started[t])
+                pthread_join(tids[t], NULL);
             else
-                dequant_row_f32(cp + r * (pk / 2), sp + r * nb, nb, block, k, scheme, ts, (float *)out.buf + r * k);
+                dequant_rows(&jobs[t]); /* no thread: do its rows here */
         }
         Py_END_ALLOW_THREADS
     }
@@ -507,6 +568,10 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_native", "fp4fmt C accelerator", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
+    for (int b = 0; b < 256; b++) {
+        E2M1_PAIRS[b][0] = E2M1_LUT[b & 15];
+        E2M1_PAIRS[b][1] = E2M1_LUT[b >> 4];
+    }
     for (int c = 0; c < 256; c++) {
         int exp = (c >> 3) & 0x0F, man = c & 0x07;
         float mag = exp == 0 ? ldexpf((float)man, -9) : ldexpf(1.0f + man / 8.0f, exp - 7);

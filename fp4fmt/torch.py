@@ -138,7 +138,7 @@ def dequantize(
         _native.dequantize(codes.contiguous().numpy(), scales.contiguous().view(torch.uint8).numpy(), n, 2 * half, k,
                            block, 0 if nv else 1, float(tensor_scale) if nv else 0.0,
                            out.view(torch.uint16 if out_dtype == torch.bfloat16 else torch.float32).numpy(),
-                           out_dtype == torch.bfloat16)
+                           out_dtype == torch.bfloat16, torch.get_num_threads())
         return out
     pairs = _E2M1_PAIRS.to(codes.device)
     vals = pairs.index_select(0, codes.reshape(-1).to(torch.int32)).view(n, nb, block)

@@ -577,6 +577,28 @@ def test_native_dequantize_equals_reference(scheme: str, data) -> None:
 
 
 @pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_native_dequantize_threads_do_not_change_the_result(scheme: str, bf16: bool) -> None:
+    """Rows split over 1, 2, 3 or 7 threads (large enough that they all run) give the same bits: float32 equal
+    to the reference, bfloat16 equal to its round-to-nearest-even."""
+    rng = np.random.default_rng(5)
+    rows, k = 1000, 1100  # ragged k: a partial last block in every row
+    block = fp4fmt.SCHEMES[scheme].block_size
+    pk = -(-k // block) * block
+    codes = rng.integers(0, 256, (rows, pk // 2)).astype(np.uint8)
+    scales = rng.integers(1, 0x7F if scheme == "nvfp4" else 200, (rows, pk // block)).astype(np.uint8)
+    qt = QTensor(scheme, (rows, k), codes, scales.view(ml_dtypes.float8_e4m3fn) if scheme == "nvfp4" else scales,
+                 np.float32(0.01) if scheme == "nvfp4" else None)
+    want = fp4fmt.dequantize(qt, implementation="reference")
+    want_bits = want.astype(ml_dtypes.bfloat16).view(np.uint16) if bf16 else want.view(np.uint32)
+    for threads in (1, 2, 3, 7):
+        out = np.full((rows, k), 0xFFFF if bf16 else 0xFFFFFFFF, np.uint16 if bf16 else np.uint32)
+        _native.dequantize(codes, scales, rows, pk, k, block, 0 if scheme == "nvfp4" else 1,
+                           0.01 if scheme == "nvfp4" else 0.0, out, bf16, threads)
+        assert np.array_equal(out, want_bits), threads
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
 def test_native_equals_reference_big_endian_and_strided(scheme: str) -> None:
     """Big-endian and non-contiguous inputs quantize identically through both implementations."""
     rng = np.random.default_rng(7)
