@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 
 import click
 
@@ -30,6 +31,20 @@ def _progress(label: str):
             yield from bar
 
     return wrap
+
+
+@contextmanager
+def _stage_bar(label: str):
+    """A progress bar on stderr fed by the library's ``progress(stage, done, total)`` callback (yielded); a new
+    stage restarts it. click hides it when stderr is not a terminal."""
+    with click.progressbar(length=1, label=label, file=sys.stderr, show_eta=True, show_pos=True) as bar:
+        def progress(stage: str, done: int, total: int) -> None:
+            if bar.label != stage:
+                bar.label, bar.pos = stage, 0
+            bar.length = max(total, 1)
+            bar.update(done - bar.pos)
+
+        yield progress
 
 
 def _fail(e: Exception) -> None:
@@ -164,11 +179,7 @@ def convert(ctx: click.Context, src: str, dst: str, scheme: str, scale_rule: str
                 if ctx.get_parameter_source("scheme") == click.core.ParameterSource.COMMANDLINE:
                     click.echo(f"note: SRC is a {fmt} checkpoint: it is imported as it is, --scheme is not used",
                                err=True)
-                with click.progressbar(length=1, label="importing", file=sys.stderr, show_pos=True) as bar:
-                    def progress(stage: str, done: int, total: int) -> None:
-                        bar.label, bar.length = stage, max(total, 1)
-                        bar.update(done - bar.pos)
-
+                with _stage_bar("importing") as progress:
                     report = interop.import_checkpoint(src, dst, fmt, overwrite=overwrite, progress=progress)
         except FP4FmtError as e:
             _fail(e)
@@ -203,12 +214,7 @@ def convert(ctx: click.Context, src: str, dst: str, scheme: str, scale_rule: str
             share_fused_scales=not no_fused_scales,
             tensor_scale=tensor_scale,
         )
-        with click.progressbar(length=1, label="converting", file=sys.stderr, show_eta=True, show_pos=True) as bar:
-            def progress(stage: str, done: int, total: int) -> None:
-                bar.label = stage
-                bar.length = max(total, 1)
-                bar.update(done - bar.pos)
-
+        with _stage_bar("converting") as progress:
             result = convert_checkpoint(src, dst, opts, workers=workers, overwrite=overwrite, progress=progress)
     except FP4FmtError as e:
         _fail(e)
@@ -264,11 +270,7 @@ def export(src: str, dst: str, to: str, overwrite: bool, as_json: bool) -> None:
     from .converters import interop
 
     try:
-        with click.progressbar(length=1, label="exporting", file=sys.stderr, show_pos=True) as bar:
-            def progress(stage: str, done: int, total: int) -> None:
-                bar.label, bar.length = stage, max(total, 1)
-                bar.update(done - bar.pos)
-
+        with _stage_bar("exporting") as progress:
             report = interop.export_checkpoint(src, dst, to, overwrite=overwrite, progress=progress)
     except FP4FmtError as e:
         _fail(e)
@@ -301,13 +303,7 @@ def eval_command(baseline: str, variants: tuple[str, ...], out_dir: str, limit: 
     opts = EvalOptions(limit=limit, seed=seed, ppl_windows=windows, window_tokens=window_tokens,
                        max_new_tokens=max_new_tokens, threads=threads, device=device)
     try:
-        with click.progressbar(length=1, label="loading", file=sys.stderr, show_eta=True, show_pos=True) as bar:
-            def progress(stage: str, done: int, total: int) -> None:
-                if bar.label != stage:
-                    bar.label, bar.pos = stage, 0
-                bar.length = max(total, 1)
-                bar.update(done - bar.pos)
-
+        with _stage_bar("loading") as progress:
             result = evaluate(baseline, list(variants), opts, progress)
         paths = write_report(result, out_dir)
     except FP4FmtError as e:
@@ -350,13 +346,7 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, dry_run: 
     from .hub import push as run
 
     try:
-        with click.progressbar(length=1, label="verifying", file=sys.stderr, show_pos=True) as bar:
-            def progress(stage: str, done: int, total: int) -> None:
-                if bar.label != stage:
-                    bar.label, bar.pos = stage, 0
-                bar.length = max(total, 1)
-                bar.update(done - bar.pos)
-
+        with _stage_bar("verifying") as progress:
             result = run(path, repo_id, private=private, revision=revision, dry_run=dry_run, eval_json=eval_json,
                          commit_message=commit_message, base_model=base_model, card=card, progress=progress)
     except FP4FmtError as e:

@@ -266,10 +266,12 @@ class FP4Linear(nn.Module):
             y = torch.nn.functional.linear(x2, self._cached, self.bias)
         else:
             y = torch.empty((x2.shape[0], self.out_features), dtype=x2.dtype, device=x2.device)
+            scales = self.linear_scales()  # once per call: a copy when the scales are stored swizzled
             for r0 in range(0, self.out_features, self.tile_rows):
                 r1 = min(r0 + self.tile_rows, self.out_features)
                 b = None if self.bias is None else self.bias[r0:r1]
-                y[:, r0:r1] = torch.nn.functional.linear(x2, self.weight(rows=slice(r0, r1)), b)
+                w = dequantize(self.codes[r0:r1], scales[r0:r1], self.tensor_scale, self.in_features, self.compute_dtype)
+                y[:, r0:r1] = torch.nn.functional.linear(x2, w, b)
         return y.reshape(*lead, self.out_features)
 
     def packed_bytes(self) -> int:

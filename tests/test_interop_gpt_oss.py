@@ -26,10 +26,8 @@ What these tests establish:
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -49,23 +47,7 @@ from fp4fmt.converters.plan import DEFAULT_IGNORE
 from fp4fmt.errors import FP4FmtError
 
 
-@contextlib.contextmanager
-def _repo_root_off_sys_path():
-    """Import transformers without the repository root on sys.path, where this project's ``kernels/``
-    folder would shadow Hugging Face's ``kernels`` package."""
-    root = Path(__file__).resolve().parents[1]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    cached = sys.modules.get("kernels")
-    if cached is not None and root in Path(getattr(cached, "__file__", None) or "/").resolve().parents:
-        del sys.modules["kernels"]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
-
-
-with warnings.catch_warnings(), _repo_root_off_sys_path():
+with warnings.catch_warnings():  # the repo root is off sys.path: tests/conftest.py
     warnings.simplefilter("ignore")
     from transformers import GptOssConfig, GptOssForCausalLM, Mxfp4Config
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors

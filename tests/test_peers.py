@@ -11,11 +11,8 @@ section; see also formats-reference.md §1, §2, §3, §6.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -26,27 +23,7 @@ import fp4fmt
 from fp4fmt import codec, layout
 
 
-@contextlib.contextmanager
-def _repo_root_off_sys_path():
-    """Import the peers without the repository root on sys.path.
-
-    ``python -m pytest`` puts the working directory (the repo root) first on sys.path, where this project's
-    ``kernels/`` folder shadows Hugging Face's ``kernels`` package; transformers (imported by modelopt) then
-    finds the wrong module and fails. The peers are imported with the root removed, then the path is restored.
-    """
-    root = Path(__file__).resolve().parents[1]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    cached = sys.modules.get("kernels")
-    if cached is not None and root in Path(getattr(cached, "__file__", None) or "/").resolve().parents:
-        del sys.modules["kernels"]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
-
-
-with warnings.catch_warnings(), _repo_root_off_sys_path():
+with warnings.catch_warnings():  # the repo root is off sys.path: tests/conftest.py
     warnings.simplefilter("ignore")
     from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
     from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor

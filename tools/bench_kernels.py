@@ -114,8 +114,6 @@ def copy_bandwidth(device, timer: Timer) -> float:
 
 def candidates(plan, k: int):
     """The dispatcher's launch and a few neighbours (K splits halved/doubled, N tile halved/doubled)."""
-    from fp4fmt.kernels.dispatch import Launch
-
     out = [plan]
     for splits in {max(1, plan.splits // 2), plan.splits * 2}:
         chunks = -(-k // plan.block_k)

@@ -64,7 +64,6 @@ Asymmetric weights, other formats (FP8, INT), sparsity, transforms and KV-cache 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path

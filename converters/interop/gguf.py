@@ -73,7 +73,6 @@ bytes and tensor scales of an exported file can be recovered byte for byte.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence

@@ -87,9 +87,9 @@ from .modelopt import (
     qtensor_for,
     read_hints,
     with_quantization_config,
+    write_export_shard,
     write_fp4fmt_index,
     write_fp4fmt_shard,
-    write_safetensors,
 )
 
 FORMAT = "gpt-oss"
@@ -203,9 +203,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, overwri
                             hints[name] = h
                     tick()
                 meta = {"format": "pt", **f.metadata()}
-            if hints:
-                meta[HINTS_KEY] = json.dumps(hints, separators=(",", ":"), sort_keys=True)
-            total_bytes += write_safetensors(out.file(shard.name), tensors, meta)
+            total_bytes += write_export_shard(out.file(shard.name), tensors, meta, hints)
             weight_map.update({n: shard.name for n in tensors})
         if len(ck.shards) > 1:
             out.write_json(INDEX_NAME, index_json(weight_map, total_bytes))

@@ -166,6 +166,16 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: M
     return pos
 
 
+def write_export_shard(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
+                       hints: Mapping[str, dict]) -> int:
+    """Write one exported shard: its tensors, and the source shard's metadata plus the descriptor fields the
+    target cannot hold (``HINTS_KEY``, only when there are any); returns the bytes written."""
+    meta = dict(metadata)
+    if hints:
+        meta[HINTS_KEY] = json.dumps(hints, separators=(",", ":"), sort_keys=True)
+    return write_safetensors(path, tensors, meta)
+
+
 def file_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (the fp4fmt descriptor left out)."""
     return {k: v for k, v in container.read_header(path).metadata.items() if k != "fp4fmt"}
@@ -525,9 +535,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, overwri
                             hints[name] = h
                     tick()
                 meta = {"format": "pt", **f.metadata()}
-            if hints:
-                meta[HINTS_KEY] = json.dumps(hints, separators=(",", ":"), sort_keys=True)
-            total_bytes += write_safetensors(out.file(shard.name), tensors, meta)
+            total_bytes += write_export_shard(out.file(shard.name), tensors, meta, hints)
             weight_map.update({n: shard.name for n in tensors})
         if len(ck.shards) > 1:
             out.write_json(INDEX_NAME, index_json(weight_map, total_bytes))
@@ -676,4 +684,4 @@ def import_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, overwri
 
 
 __all__ = ["FORMAT", "InteropReport", "detect", "export_checkpoint", "import_checkpoint", "modelopt_configs",
-           "scale_names", "write_safetensors"]
+           "scale_names", "write_export_shard", "write_safetensors"]
